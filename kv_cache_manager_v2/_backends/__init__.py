@@ -1,0 +1,1 @@
+"""Memory backends: where pool bytes live and how they are copied."""

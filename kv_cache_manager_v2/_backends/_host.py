@@ -1,0 +1,94 @@
+"""The embedded host backend: pools are page-aligned anonymous mappings in host RAM.
+
+Addresses are real pointers, so a CPU engine (and the fake engine) can use the pages directly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+from .._exceptions import OutOfMemoryError
+
+
+class HostAllocation:
+    """One pool's memory. `address` stays fixed until `release()`."""
+
+    __slots__ = ("size", "address", "_map", "_view")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._map: mmap.mmap | None = None
+        self._view: ctypes.Array[ctypes.c_char] | None = None
+        self.address = 0
+        if size > 0:
+            try:
+                self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            except OSError as e:  # pragma: no cover - depends on the machine
+                raise OutOfMemoryError(f"host allocation of {size} bytes failed: {e}") from e
+            self._view = (ctypes.c_char * size).from_buffer(self._map)
+            self.address = ctypes.addressof(self._view)
+
+    def release(self) -> None:
+        self._view = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        self.address = 0
+
+
+class HostBackend:
+    name = "host"
+
+    def allocate(self, size: int) -> HostAllocation:
+        return HostAllocation(size)
+
+    def copy(self, dst: int, src: int, size: int) -> None:
+        ctypes.memmove(dst, src, size)
+
+    def copy_batch(self, dsts: list[int], srcs: list[int], sizes: list[int]) -> None:
+        """Copies runs in order; adjacent runs are merged so large moves reach memory bandwidth."""
+        n = len(dsts)
+        i = 0
+        while i < n:
+            d = dsts[i]
+            s = srcs[i]
+            size = sizes[i]
+            j = i + 1
+            while j < n and dsts[j] == d + size and srcs[j] == s + size:
+                size += sizes[j]
+                j += 1
+            ctypes.memmove(d, s, size)
+            i = j
+
+
+def cuda_device_usable() -> bool:
+    """True when cuda-python is importable and the driver reports at least one device."""
+    try:
+        from cuda.bindings import driver  # type: ignore[import-not-found]
+    except Exception:
+        return False
+    try:
+        (err,) = driver.cuInit(0)
+        if int(err) != 0:
+            return False
+        err, count = driver.cuDeviceGetCount()
+        return int(err) == 0 and int(count) > 0
+    except Exception:
+        return False
+
+
+def select_backend(name: str) -> HostBackend:
+    if name == "host":
+        return HostBackend()
+    if name == "auto":
+        # The CUDA backend is not part of this release, so "auto" always lands on the host backend.
+        return HostBackend()
+    if name == "cuda":
+        if not cuda_device_usable():
+            raise RuntimeError(
+                "backend='cuda' was requested but no usable CUDA driver/device was found "
+                "(cuda-python could not be imported or reports no device); use backend='host' or 'auto'"
+            )
+        raise RuntimeError("backend='cuda' is not available in this release yet; use backend='host' or 'auto'")
+    raise ValueError(f"backend must be one of ('auto', 'host', 'cuda'), got {name!r}")

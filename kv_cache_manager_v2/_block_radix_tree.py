@@ -1,0 +1,364 @@
+"""The reuse tree of committed blocks.
+
+One node per committed block (shared by every layer group); a node's page per layer group
+lives in one flat vector (`node_pages[node_id * G + lg]`), so a node costs one object plus its
+lookup key. Children are found through ONE dict keyed by `parent id (8 bytes) + block tokens`:
+matching needs no hashing beyond the dict's own. The SHA-256 chain key of a block
+(root = digest of the ReuseScope; key = SHA-256(parent key || token bytes)) is computed lazily,
+only when something asks for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final, Sequence
+
+from librt.strings import BytesWriter, write_i64_le
+from librt.vecs import append, pop, vec
+from mypy_extensions import i64
+
+from ._common import TokenIdExt, div_up
+from ._config import ReuseScope
+from ._life_cycle_registry import LifeCycle
+from ._page import NIL
+from ._storage_manager import StorageManager
+from ._tokens import pack_block, token_bytes_of_key, unpack_block
+
+SCOPE_DOMAIN: Final = b"kv_cache_manager_v2/ReuseScope/v1"
+
+
+def scope_digest(lora_id: int, salt: int) -> bytes:
+    """Root of the key chain: SHA-256 over a fixed domain and the scope's two fields (-1 = None)."""
+    return hashlib.sha256(
+        SCOPE_DOMAIN + lora_id.to_bytes(8, "little", signed=True) + salt.to_bytes(8, "little", signed=True)
+    ).digest()
+
+
+def scope_key(scope: ReuseScope | None) -> tuple[int, int]:
+    if scope is None:
+        return (-1, -1)
+    return (
+        scope.lora_id if scope.lora_id is not None else -1,
+        scope.salt if scope.salt is not None else -1,
+    )
+
+
+class BlockNode:
+    """A committed block. The root of a scope is a node with ordinal -1 and no tokens."""
+
+    def __init__(self, node_id: i64, parent: BlockNode | None, key: bytes, num_tokens: i64, seq: i64) -> None:
+        self.node_id: i64 = node_id
+        self.parent: BlockNode | None = parent
+        # parent id (8 bytes LE) + the block's packed tokens: the lookup key in the tree's dict.
+        self.key: bytes = key
+        self.num_tokens: i64 = num_tokens
+        self.ordinal: i64 = -1 if parent is None else parent.ordinal + 1
+        self.seq: i64 = seq
+        self.first_child: BlockNode | None = None
+        self.next_sibling: BlockNode | None = None
+        self.prev_sibling: BlockNode | None = None
+        self.sha: bytes | None = None
+        self.alive: bool = True
+
+    @property
+    def block_bytes(self) -> bytes:
+        return self.key[8:]
+
+
+class ReuseMatch:
+    """Result of matching a prompt: `length` tokens reusable through `nodes` (one per block)."""
+
+    def __init__(self, root: BlockNode | None, length: i64, nodes: list[BlockNode], partial: bool) -> None:
+        self.root = root
+        self.length: i64 = length
+        self.nodes = nodes
+        # The last block is only partly reused (copied on first resume).
+        self.partial: bool = partial
+        self.partial_from_partial_node: bool = False
+
+
+class BlockRadixTree:
+    def __init__(
+        self,
+        tokens_per_block: int,
+        life_cycles: list[LifeCycle],
+        storage: StorageManager,
+        enable_partial_reuse: bool,
+        reuse_match_backoff: int,
+    ) -> None:
+        self.tokens_per_block: i64 = tokens_per_block
+        self.life_cycles = life_cycles
+        self.num_groups: i64 = len(life_cycles)
+        self.storage = storage
+        self.enable_partial_reuse = enable_partial_reuse
+        self.reuse_match_backoff: i64 = reuse_match_backoff
+        self.children: dict[bytes, BlockNode] = {}
+        self.nodes: list[BlockNode | None] = []
+        self.free_node_ids: vec[i64] = vec[i64]()
+        self.node_pages: vec[i64] = vec[i64]()
+        self.roots: dict[tuple[int, int], BlockNode] = {}
+        self.next_seq: i64 = 0
+        self.writer = BytesWriter()
+        self.full_groups: list[int] = [g for g, lc in enumerate(life_cycles) if not lc.is_windowed]
+        self.swa_groups: list[int] = [g for g, lc in enumerate(life_cycles) if lc.is_windowed]
+        storage.drop_hook = self.page_dropped
+
+    # ---- nodes ------------------------------------------------------------------------------
+    def _new_node(self, parent: BlockNode | None, key: bytes, num_tokens: i64) -> BlockNode:
+        g = self.num_groups
+        if len(self.free_node_ids) > 0:
+            self.free_node_ids, nid = pop(self.free_node_ids)
+        else:
+            nid = len(self.nodes)
+            self.nodes.append(None)
+            for _ in range(g):
+                self.node_pages = append(self.node_pages, NIL)
+        node = BlockNode(nid, parent, key, num_tokens, self.next_seq)
+        self.next_seq += 1
+        self.nodes[nid] = node
+        if parent is not None:
+            first = parent.first_child
+            node.next_sibling = first
+            if first is not None:
+                first.prev_sibling = node
+            parent.first_child = node
+        return node
+
+    def _unlink_node(self, node: BlockNode) -> None:
+        parent = node.parent
+        if parent is not None:
+            del self.children[node.key]
+            if node.prev_sibling is None:
+                parent.first_child = node.next_sibling
+            else:
+                node.prev_sibling.next_sibling = node.next_sibling
+            if node.next_sibling is not None:
+                node.next_sibling.prev_sibling = node.prev_sibling
+        node.alive = False
+        node.parent = None
+        node.next_sibling = None
+        node.prev_sibling = None
+        base = node.node_id * self.num_groups
+        for g in range(self.num_groups):
+            self.node_pages[base + g] = NIL
+        self.nodes[node.node_id] = None
+        self.free_node_ids = append(self.free_node_ids, node.node_id)
+
+    def root_for(self, scope: ReuseScope | None, create: bool) -> BlockNode | None:
+        k = scope_key(scope)
+        root = self.roots.get(k)
+        if root is None and create:
+            root = self._new_node(None, b"", 0)
+            root.sha = scope_digest(k[0], k[1])
+            self.roots[k] = root
+        return root
+
+    def child_key(self, parent: BlockNode, block: bytes) -> bytes:
+        w = self.writer
+        w.truncate(0)
+        write_i64_le(w, parent.node_id)
+        w.write(block)
+        return w.getvalue()
+
+    def page_of(self, node: BlockNode, lg: i64) -> i64:
+        return self.node_pages[node.node_id * self.num_groups + lg]
+
+    def node_of_page(self, p: i64) -> BlockNode | None:
+        nid = self.storage.pages.node[p]
+        if nid == NIL:
+            return None
+        return self.nodes[nid]
+
+    def block_sha256(self, node: BlockNode) -> bytes:
+        """The block's SHA-256 chain key, computed on first use and kept."""
+        sha = node.sha
+        if sha is not None:
+            return sha
+        chain: list[BlockNode] = []
+        n: BlockNode | None = node
+        while n is not None and n.sha is None:
+            chain.append(n)
+            n = n.parent
+        assert n is not None, "a node without a root"
+        prev = n.sha
+        assert prev is not None
+        for m in reversed(chain):
+            prev = hashlib.sha256(prev + token_bytes_of_key(m.block_bytes, m.num_tokens)).digest()
+            m.sha = prev
+        return prev
+
+    # ---- insertion ----------------------------------------------------------------------------
+    def insert(self, parent: BlockNode, block: bytes, num_tokens: i64, pages: list[i64]) -> BlockNode:
+        """Publishes a committed block under `parent` with the committer's page per group.
+
+        If an identical block is already there, it is kept (the tree stores one copy); groups
+        where it has no page adopt the committer's page. Returns the node that now stands for it.
+        """
+        key = self.child_key(parent, block)
+        node = self.children.get(key)
+        page_node = self.storage.pages.node
+        if node is None:
+            node = self._new_node(parent, key, num_tokens)
+            self.children[key] = node
+        base = node.node_id * self.num_groups
+        for g in range(self.num_groups):
+            p = pages[g]
+            if p != NIL and self.node_pages[base + g] == NIL and page_node[p] == NIL:
+                self.node_pages[base + g] = p
+                page_node[p] = node.node_id
+        return node
+
+    # ---- matching -------------------------------------------------------------------------
+    def match(self, scope: ReuseScope | None, tokens: Sequence[TokenIdExt], packed: bytes | None) -> ReuseMatch:
+        root = self.roots.get(scope_key(scope))
+        n_tok: i64 = len(tokens)
+        if root is None or n_tok == 0:
+            return ReuseMatch(root, 0, [], False)
+        tpb = self.tokens_per_block
+        path: list[BlockNode] = []
+        node = root
+        nfull: i64 = 0
+        children = self.children
+        while (nfull + 1) * tpb <= n_tok:
+            beg = nfull * tpb
+            if packed is not None:
+                block = packed[beg * 4 : (beg + tpb) * 4]
+            else:
+                block = pack_block(tokens[beg : beg + tpb])
+            child = children.get(self.child_key(node, block))
+            if child is None:
+                break
+            path.append(child)
+            node = child
+            nfull += 1
+        length = nfull * tpb
+        partial_node: BlockNode | None = None
+        if self.enable_partial_reuse and length < n_tok:
+            rest = list(tokens[length : min(n_tok, length + tpb)])
+            best: i64 = 0
+            c = node.first_child
+            while c is not None:
+                common = _common_prefix(c, rest)
+                if common > best or (common == best and common > 0 and partial_node is not None and c.seq < partial_node.seq):
+                    best = common
+                    partial_node = c
+                c = c.next_sibling
+            if partial_node is not None:
+                path.append(partial_node)
+                length += best
+        # Backoff, then (without partial reuse) round down to a block.
+        length = max(0, length - self.reuse_match_backoff)
+        if not self.enable_partial_reuse:
+            length = length // tpb * tpb
+        length = self._servable_length(path, length)
+        nb = div_up(length, tpb)
+        nodes = path[:nb]
+        m = ReuseMatch(root, length, nodes, length % tpb != 0)
+        return m
+
+    def _has_page(self, node: BlockNode, lg: i64) -> bool:
+        return self.node_pages[node.node_id * self.num_groups + lg] != NIL
+
+    def _servable_length(self, path: list[BlockNode], length: i64) -> i64:
+        """The longest length <= `length` that every layer group can serve from the tree."""
+        tpb = self.tokens_per_block
+        for lg in self.full_groups:
+            nb = div_up(length, tpb)
+            for b in range(nb):
+                if not self._has_page(path[b], lg):
+                    length = b * tpb
+                    break
+        while length > 0:
+            if self._swa_servable(path, length):
+                return length
+            length = (div_up(length, tpb) - 1) * tpb
+        return 0
+
+    def _swa_servable(self, path: list[BlockNode], length: i64) -> bool:
+        nb = div_up(length, self.tokens_per_block)
+        for lg in self.swa_groups:
+            lc = self.life_cycles[lg]
+            s = lc.stale_beg(length)
+            e = lc.stale_end(length)
+            for b in range(nb):
+                if (b < s or b >= e) and not self._has_page(path[b], lg):
+                    return False
+        return True
+
+    # ---- dropping and pruning -----------------------------------------------------------------
+    def page_dropped(self, p: i64) -> None:
+        """Storage drops page p: forget it; a full-attention loss prunes the subtree below."""
+        pages = self.storage.pages
+        node = self.nodes[pages.node[p]]
+        assert node is not None
+        lg = pages.layer_group[p]
+        self.node_pages[node.node_id * self.num_groups + lg] = NIL
+        pages.node[p] = NIL
+        if not self.life_cycles[lg].is_windowed:
+            self.remove_subtree(node)
+        else:
+            self._remove_if_useless(node)
+
+    def _remove_if_useless(self, node: BlockNode) -> None:
+        n: BlockNode | None = node
+        while n is not None and n.parent is not None and n.first_child is None:
+            base = n.node_id * self.num_groups
+            for g in range(self.num_groups):
+                if self.node_pages[base + g] != NIL:
+                    return
+            parent = n.parent
+            self._unlink_node(n)
+            n = parent
+
+    def remove_subtree(self, top: BlockNode) -> None:
+        """Removes `top` and everything below it. Unreferenced pages are dropped; pages still used
+        by caches become private to them (they are freed when those caches release them)."""
+        pages = self.storage.pages
+        stack: list[BlockNode] = [top]
+        order: list[BlockNode] = []
+        while stack:
+            n = stack.pop()
+            order.append(n)
+            c = n.first_child
+            while c is not None:
+                stack.append(c)
+                c = c.next_sibling
+        parent = top.parent
+        for n in reversed(order):
+            base = n.node_id * self.num_groups
+            for g in range(self.num_groups):
+                p = self.node_pages[base + g]
+                if p == NIL:
+                    continue
+                self.node_pages[base + g] = NIL
+                pages.node[p] = NIL
+                if pages.locks[p] == 0 and pages.holds[p] == 0:
+                    self.storage.drop(p)
+            if n.parent is not None:
+                self._unlink_node(n)
+        if parent is not None and parent.parent is not None:
+            self._remove_if_useless(parent)
+
+    def clear(self) -> None:
+        """Forgets every block (caches must all be closed): every tree page is freed."""
+        for root in list(self.roots.values()):
+            self.remove_subtree(root)
+            self._unlink_node(root)
+        self.roots.clear()
+
+    # ---- introspection ----------------------------------------------------------------------
+    def live_nodes(self) -> list[BlockNode]:
+        return [n for n in self.nodes if n is not None]
+
+    def tokens_of(self, node: BlockNode) -> list[TokenIdExt]:
+        return unpack_block(node.block_bytes, node.num_tokens)
+
+
+def _common_prefix(node: BlockNode, rest: list[TokenIdExt]) -> i64:
+    """Number of leading tokens of `rest` equal to the node's tokens."""
+    theirs = unpack_block(node.block_bytes, node.num_tokens)
+    n = min(len(theirs), len(rest))
+    i = 0
+    while i < n and theirs[i] == rest[i] and type(theirs[i]) is type(rest[i]):
+        i += 1
+    return i

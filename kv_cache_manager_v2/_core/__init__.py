@@ -1,0 +1,1 @@
+"""The manager and cache objects, and page-index conversion."""

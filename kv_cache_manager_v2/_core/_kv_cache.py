@@ -1,0 +1,576 @@
+"""KVCache: one request's pages, counters and committed tokens.
+
+Per layer group the cache keeps one unboxed vector of page ids (one entry per block, NIL where
+it has no page: stale SWA blocks, released blocks). Every page it references carries one lock
+(ACTIVE) or one hold (SUSPENDED) from this cache. All state changes go through the manager's
+storage and tree; nothing happens in `__del__` — callers must `close()`.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Callable, Sequence
+
+from librt.vecs import append, vec
+from mypy_extensions import i64
+
+from .._block_radix_tree import BlockNode, ReuseMatch
+from .._common import (
+    BAD_PAGE_INDEX,
+    DEFAULT_PRIORITY,
+    MAX_PRIORITY,
+    KVCacheStatus,
+    PageIndexMode,
+    ScratchDesc,
+    TokenIdExt,
+    div_up,
+)
+from .._config import ReuseScope
+from .._exceptions import LogicError, OutOfPagesError
+from .._page import NIL
+from .._stats import KVCacheStatsDelta
+from .._tokens import TokenStore, check_token, pack_block, validate_tokens
+from ._context import CacheContext
+
+ACTIVE: i64 = 0
+SUSPENDED: i64 = 1
+CLOSED: i64 = 2
+_STATUS = (KVCacheStatus.ACTIVE, KVCacheStatus.SUSPENDED, KVCacheStatus.CLOSED)
+
+PriorityCallback = Callable[[int, int], int]
+
+
+def _check_count(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+class KVCache:
+    def __init__(
+        self,
+        ctx: CacheContext,
+        cache_id: object,
+        scope: ReuseScope | None,
+        priority_callback: PriorityCallback | None,
+    ) -> None:
+        self._ctx = ctx
+        self._serial: i64 = ctx.next_serial
+        ctx.next_serial += 1
+        self.id: object = cache_id if cache_id is not None else self._serial
+        self._scope = scope
+        self._priority_callback = priority_callback
+        self._status: i64 = SUSPENDED
+        self._capacity: i64 = 0
+        self._history: i64 = 0
+        self._tokens = TokenStore()
+        g = ctx.num_groups
+        self._pages: list[vec[i64]] = [vec[i64]() for _ in range(g)]
+        self._stale_end: vec[i64] = vec[i64]([0] * g)
+        self._index_bufs: list[memoryview | None] = [None] * g
+        self._last_node: BlockNode | None = None
+        self._committing: bool = True
+        # Block whose pages are still the donor's (a partial match, copied on first resume).
+        self._cow_block: i64 = -1
+        self._d_alloc_total: i64 = 0
+        self._d_alloc_new: i64 = 0
+        self._d_reused: i64 = 0
+        self._d_missed: i64 = 0
+
+    # ---- properties --------------------------------------------------------------------------
+    @property
+    def status(self) -> KVCacheStatus:
+        return _STATUS[self._status]
+
+    @property
+    def is_active(self) -> bool:
+        return self._status == ACTIVE
+
+    @property
+    def tokens_per_block(self) -> int:
+        return self._ctx.tokens_per_block
+
+    @property
+    def num_blocks(self) -> int:
+        return div_up(self._capacity, self._ctx.tokens_per_block)
+
+    @property
+    def num_committed_tokens(self) -> int:
+        return len(self._tokens.ids)
+
+    @property
+    def committed_tokens(self) -> list[TokenIdExt]:
+        return self._tokens.to_list()
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @capacity.setter
+    def capacity(self, value: int) -> None:
+        if not self.resize(capacity=value):
+            raise OutOfPagesError(f"not enough pages for capacity {value}")
+
+    @property
+    def history_length(self) -> int:
+        return self._history
+
+    @history_length.setter
+    def history_length(self, value: int) -> None:
+        if not self.resize(history_length=value):
+            raise OutOfPagesError(f"not enough pages for history_length {value}")
+
+    @property
+    def has_scratch_slots(self) -> bool:
+        return False
+
+    @property
+    def enable_swa_scratch_reuse(self) -> bool:
+        return False
+
+    @enable_swa_scratch_reuse.setter
+    def enable_swa_scratch_reuse(self, value: bool) -> None:
+        if value:
+            raise ValueError("enable_swa_scratch_reuse: the manager has no swa_scratch_reuse configured")
+
+    def get_scratch_desc(self, layer_group_id: int) -> ScratchDesc | None:
+        self._check_group(layer_group_id)
+        return None
+
+    def supports_index_mode(self, mode: PageIndexMode) -> bool:
+        if not isinstance(mode, PageIndexMode):
+            raise TypeError("mode must be a PageIndexMode")
+        return True
+
+    def __repr__(self) -> str:
+        return (
+            f"KVCache(id={self.id!r}, status={self.status.name}, capacity={self._capacity}, "
+            f"history_length={self._history}, num_committed_tokens={len(self._tokens.ids)})"
+        )
+
+    # ---- checks ----------------------------------------------------------------------------------
+    def _require_active(self, what: str) -> None:
+        if self._status != ACTIVE:
+            raise LogicError(f"{what} needs an ACTIVE cache; this cache is {_STATUS[self._status].name}")
+
+    def _check_group(self, layer_group_id: int) -> None:
+        if isinstance(layer_group_id, bool) or not isinstance(layer_group_id, int):
+            raise TypeError("layer_group_id must be an int")
+        if not 0 <= layer_group_id < self._ctx.num_groups:
+            raise ValueError(f"layer_group_id {layer_group_id} is out of range [0, {self._ctx.num_groups})")
+
+    def _check_beam(self, beam: int) -> None:
+        if isinstance(beam, bool) or not isinstance(beam, int):
+            raise TypeError("beam must be an int")
+        if beam != 0:
+            raise ValueError("beam: beam width > 1 is not supported yet (beam must be 0)")
+
+    # ---- page bookkeeping ------------------------------------------------------------------------
+    def _set_page(self, lg: i64, b: i64, p: i64) -> None:
+        self._pages[lg][b] = p
+        buf = self._index_bufs[lg]
+        if buf is not None:
+            buf[b] = self._ctx.storage.pages.slot[p] if p != NIL else BAD_PAGE_INDEX
+
+    def _priority(self, block: i64, lg: i64) -> i64:
+        cb = self._priority_callback
+        if cb is None:
+            return DEFAULT_PRIORITY
+        prio = cb(block, lg)
+        if isinstance(prio, bool) or not isinstance(prio, int) or not 0 <= prio <= MAX_PRIORITY:
+            raise ValueError(f"custom_priority_callback must return an int in [0, 100], got {prio!r}")
+        return prio
+
+    def _adopt(self, match: ReuseMatch, tokens: Sequence[TokenIdExt]) -> None:
+        """Holds the pages of a reuse match (called once, right after construction)."""
+        ctx = self._ctx
+        storage = ctx.storage
+        tree = ctx.tree
+        tpb = ctx.tokens_per_block
+        n = match.length
+        nb = div_up(n, tpb)
+        nodes = match.nodes
+        for lg in range(ctx.num_groups):
+            lc = ctx.life_cycles[lg]
+            s = lc.stale_beg(n)
+            e = lc.stale_end(n)
+            pages = self._pages[lg]
+            got: i64 = 0
+            for b in range(nb):
+                if s <= b < e:
+                    pages = append(pages, NIL)
+                    continue
+                p = tree.page_of(nodes[b], lg)
+                storage.add_hold(p)
+                pages = append(pages, p)
+                got += 1
+            self._pages[lg] = pages
+            self._stale_end[lg] = e
+            partial: i64 = 1 if match.partial and nb > 0 and not (s <= nb - 1 < e) else 0
+            ctx.st_reused_full[lg] += got - partial
+            ctx.st_reused_partial[lg] += partial
+            ctx.st_allocated[lg] += got
+        if match.partial:
+            self._cow_block = nb - 1
+        self._tokens.extend(tokens, n)
+        self._capacity = n
+        self._history = n
+        full = n // tpb
+        self._last_node = nodes[full - 1] if full > 0 else match.root
+        self._d_reused += nb
+        self._d_alloc_total += nb
+
+    # ---- resize ----------------------------------------------------------------------------------
+    def resize(self, capacity: int | None = None, history_length: int | None = None) -> bool:
+        self._require_active("resize")
+        cap: i64 = self._capacity if capacity is None else _check_count(capacity, "capacity")
+        hist: i64 = self._history if history_length is None else _check_count(history_length, "history_length")
+        if hist < self._history:
+            raise ValueError(f"history_length cannot decrease ({self._history} -> {hist})")
+        if hist > cap:
+            raise ValueError(f"history_length {hist} exceeds capacity {cap}")
+        return self._resize(cap, hist)
+
+    def _resize(self, cap: i64, hist: i64) -> bool:
+        ctx = self._ctx
+        tpb = ctx.tokens_per_block
+        old_nb: i64 = div_up(self._capacity, tpb)
+        new_nb: i64 = div_up(cap, tpb)
+        if new_nb > old_nb:
+            if not self._grow(old_nb, new_nb, hist):
+                return False
+        elif new_nb < old_nb:
+            self._shrink(new_nb)
+        self._capacity = cap
+        if hist > self._history:
+            self._raise_history(hist)
+        return True
+
+    def _grow(self, old_nb: i64, new_nb: i64, hist: i64) -> bool:
+        ctx = self._ctx
+        storage = ctx.storage
+        num_pg = storage.num_pool_groups
+        need: list[int] = [0] * num_pg
+        for lg in range(ctx.num_groups):
+            lc = ctx.life_cycles[lg]
+            if ctx.windowed[lg]:
+                s = lc.stale_beg(hist)
+                e = lc.stale_end(hist)
+                cnt: i64 = 0
+                for b in range(old_nb, new_nb):
+                    if not s <= b < e:
+                        cnt += 1
+                need[ctx.lg_pool_group[lg]] += cnt
+            else:
+                need[ctx.lg_pool_group[lg]] += new_nb - old_nb
+        for pg in range(num_pg):
+            if need[pg] > 0 and storage.num_available(0, pg) < need[pg]:
+                return False
+        for lg in range(ctx.num_groups):
+            buf = self._index_bufs[lg]
+            if buf is not None and len(buf) < new_nb:
+                raise ValueError(
+                    f"the index buffer of layer group {lg} holds {len(buf)} entries; capacity needs {new_nb}"
+                )
+        for pg in range(num_pg):
+            if need[pg] > 0:
+                ok = storage.make_room(0, pg, need[pg])
+                assert ok
+        stats_group = ctx.stats_group
+        for lg in range(ctx.num_groups):
+            lc = ctx.life_cycles[lg]
+            pgid = ctx.lg_pool_group[lg]
+            windowed = ctx.windowed[lg]
+            s = lc.stale_beg(hist)
+            e = lc.stale_end(hist)
+            pages = self._pages[lg]
+            buf = self._index_bufs[lg]
+            got: i64 = 0
+            for b in range(old_nb, new_nb):
+                if windowed and s <= b < e:
+                    pages = append(pages, NIL)
+                    if buf is not None:
+                        buf[b] = BAD_PAGE_INDEX
+                    continue
+                p = storage.new_page(0, pgid, lg, self._priority(b, lg))
+                storage.pages.locks[p] = 1
+                pages = append(pages, p)
+                if buf is not None:
+                    buf[b] = storage.pages.slot[p]
+                got += 1
+            self._pages[lg] = pages
+            if windowed and e > self._stale_end[lg]:
+                self._stale_end[lg] = e
+            ctx.st_new[lg] += got
+            ctx.st_allocated[lg] += got
+            if lg == stats_group:
+                self._d_alloc_new += got
+                self._d_alloc_total += got
+        return True
+
+    def _shrink(self, new_nb: i64) -> None:
+        storage = self._ctx.storage
+        for lg in range(self._ctx.num_groups):
+            pages = self._pages[lg]
+            buf = self._index_bufs[lg]
+            for b in range(len(pages) - 1, new_nb - 1, -1):
+                p = pages[b]
+                if p != NIL:
+                    storage.release_lock(p)
+                if buf is not None:
+                    buf[b] = BAD_PAGE_INDEX
+            self._pages[lg] = pages[:new_nb]
+
+    def _raise_history(self, hist: i64) -> None:
+        """Sets history and releases the SWA pages that just became stale."""
+        self._history = hist
+        ctx = self._ctx
+        for lg in ctx.swa_groups:
+            lc = ctx.life_cycles[lg]
+            e = lc.stale_end(hist)
+            old = self._stale_end[lg]
+            if e <= old:
+                continue
+            s = lc.stale_beg(hist)
+            storage = ctx.storage
+            pages = self._pages[lg]
+            buf = self._index_bufs[lg]
+            for b in range(max(old, s), e):
+                p = pages[b]
+                if p != NIL:
+                    pages[b] = NIL
+                    if buf is not None:
+                        buf[b] = BAD_PAGE_INDEX
+                    if self._status == ACTIVE:
+                        storage.release_lock(p)
+                    else:
+                        storage.release_hold(p)
+            self._stale_end[lg] = e
+
+    # ---- commit ----------------------------------------------------------------------------------
+    def commit(self, tokens: Sequence[TokenIdExt]) -> None:
+        if not self._committing:
+            raise LogicError("commit after stop_committing() is not allowed")
+        self._require_active("commit")
+        n: i64 = len(tokens)
+        if n == 0:
+            return
+        old: i64 = len(self._tokens.ids)
+        if old + n > self._capacity:
+            raise ValueError(
+                f"tokens: committing {n} tokens would pass capacity ({old} + {n} > {self._capacity})"
+            )
+        if n == 1:
+            t = tokens[0]
+            check_token(t, "tokens")
+            self._tokens.append(t)
+        else:
+            seq, _ = validate_tokens(tokens, "tokens")
+            self._tokens.extend(seq, n)
+        tpb = self._ctx.tokens_per_block
+        new: i64 = old + n
+        for b in range(old // tpb, new // tpb):
+            self._publish(b)
+        if new > self._history:
+            self._raise_history(new)
+
+    def _publish(self, b: i64) -> None:
+        parent = self._last_node
+        if parent is None or not parent.alive:
+            # The chain was pruned under us (its pages were dropped): later blocks cannot be found.
+            self._last_node = None
+            return
+        ctx = self._ctx
+        tpb = ctx.tokens_per_block
+        block = pack_block(self._tokens.slice(b * tpb, (b + 1) * tpb))
+        pages: list[i64] = []
+        for lg in range(ctx.num_groups):
+            pages.append(self._pages[lg][b])
+        self._last_node = ctx.tree.insert(parent, block, tpb, pages)
+
+    def stop_committing(self) -> None:
+        """Ends committing; a trailing partial block is published so it stays reusable."""
+        if self._status == CLOSED or not self._committing:
+            return
+        self._committing = False
+        ctx = self._ctx
+        tpb = ctx.tokens_per_block
+        n = len(self._tokens.ids)
+        rem = n % tpb
+        parent = self._last_node
+        if rem == 0 or parent is None or not parent.alive:
+            return
+        b = n // tpb
+        if b == self._cow_block:
+            return  # these tokens are already in the tree (the donor's block)
+        block = pack_block(self._tokens.slice(b * tpb, n))
+        pages: list[i64] = []
+        for lg in range(ctx.num_groups):
+            pages.append(self._pages[lg][b])
+        ctx.tree.insert(parent, block, rem, pages)
+
+    # ---- suspend / resume / close --------------------------------------------------------------------
+    def suspend(self) -> None:
+        self._require_active("suspend")
+        locks = self._ctx.storage.pages.locks
+        holds = self._ctx.storage.pages.holds
+        for lg in range(self._ctx.num_groups):
+            for p in self._pages[lg]:
+                if p != NIL:
+                    locks[p] -= 1
+                    holds[p] += 1
+        self._status = SUSPENDED
+
+    def resume(self, cuda_stream: object = None) -> bool:
+        if self._status == ACTIVE:
+            raise LogicError("resume: the cache is already ACTIVE")
+        if self._status == CLOSED:
+            raise LogicError("resume: the cache is CLOSED")
+        ctx = self._ctx
+        storage = ctx.storage
+        num_pg = storage.num_pool_groups
+        for pg in range(num_pg):
+            if storage.utilization(0, pg) > ctx.max_util_for_resume:
+                return False
+        cow = self._cow_block
+        if cow >= 0:
+            need: list[int] = [0] * num_pg
+            for lg in range(ctx.num_groups):
+                if self._pages[lg][cow] != NIL:
+                    need[ctx.lg_pool_group[lg]] += 1
+            for pg in range(num_pg):
+                if need[pg] > 0 and storage.num_available(0, pg) < need[pg]:
+                    return False
+            for pg in range(num_pg):
+                if need[pg] > 0:
+                    ok = storage.make_room(0, pg, need[pg])
+                    assert ok
+            for lg in range(ctx.num_groups):
+                donor = self._pages[lg][cow]
+                if donor == NIL:
+                    continue
+                p = storage.new_page(0, ctx.lg_pool_group[lg], lg, self._priority(cow, lg))
+                storage.copy_page(p, donor)
+                storage.pages.holds[p] = 1
+                self._pages[lg][cow] = p
+                storage.release_hold(donor)
+            self._cow_block = -1
+        pages_locks = storage.pages.locks
+        pages_holds = storage.pages.holds
+        for lg in range(ctx.num_groups):
+            buf = self._index_bufs[lg]
+            pages = self._pages[lg]
+            for b in range(len(pages)):
+                p = pages[b]
+                if p != NIL:
+                    pages_holds[p] -= 1
+                    pages_locks[p] += 1
+                    if buf is not None:
+                        buf[b] = storage.pages.slot[p]
+        self._status = ACTIVE
+        return True
+
+    def close(self) -> None:
+        """Releases everything (idempotent). Committed blocks stay reusable in the tree."""
+        if self._status == CLOSED:
+            return
+        self.stop_committing()
+        storage = self._ctx.storage
+        active = self._status == ACTIVE
+        for lg in range(self._ctx.num_groups):
+            pages = self._pages[lg]
+            for p in pages:
+                if p != NIL:
+                    if active:
+                        storage.release_lock(p)
+                    else:
+                        storage.release_hold(p)
+            self._pages[lg] = vec[i64]()
+            buf = self._index_bufs[lg]
+            if buf is not None:
+                for i in range(len(buf)):
+                    buf[i] = BAD_PAGE_INDEX
+                self._index_bufs[lg] = None
+        self._status = CLOSED
+        self._cow_block = -1
+        self._last_node = None
+        del self._ctx.open_caches[self._serial]
+
+    # ---- page indices ----------------------------------------------------------------------------
+    def _slot_or_bad(self, lg: i64, b: i64, level0_only: bool) -> i64:
+        p = self._pages[lg][b]
+        if p == NIL or b == self._cow_block:
+            return BAD_PAGE_INDEX
+        pages = self._ctx.storage.pages
+        if level0_only and pages.level[p] != 0:
+            return BAD_PAGE_INDEX
+        return pages.slot[p]
+
+    def get_base_page_indices(self, layer_group_id: int, beam: int = 0) -> array[int]:
+        self._check_group(layer_group_id)
+        self._check_beam(beam)
+        out = array("i")
+        for b in range(len(self._pages[layer_group_id])):
+            out.append(self._slot_or_bad(layer_group_id, b, True))
+        return out
+
+    def set_base_page_index_buf(self, beam: int, layer_group_id: int, buf: object) -> None:
+        """Keeps a caller-owned int32 buffer equal to `get_base_page_indices` (None detaches)."""
+        self._check_beam(beam)
+        self._check_group(layer_group_id)
+        if buf is None:
+            self._index_bufs[layer_group_id] = None
+            return
+        try:
+            mv = memoryview(buf)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError("buf must support the buffer protocol (e.g. a numpy int32 array)") from None
+        if mv.readonly:
+            raise ValueError("buf must be writable")
+        if mv.itemsize != 4 or mv.format.lstrip("@=<") not in ("i", "l"):
+            raise TypeError(f"buf must hold int32 entries, got format {mv.format!r}")
+        if not mv.c_contiguous:
+            raise ValueError("buf must be contiguous")
+        mv = mv.cast("B").cast("i")
+        nb = len(self._pages[layer_group_id])
+        if len(mv) < nb:
+            raise ValueError(f"buf holds {len(mv)} entries; the cache has {nb} blocks")
+        for b in range(len(mv)):
+            mv[b] = self._slot_or_bad(layer_group_id, b, True) if b < nb else BAD_PAGE_INDEX
+        self._index_bufs[layer_group_id] = mv
+
+    def get_aggregated_page_indices(
+        self, layer_group_id: int, beam: int = 0, valid_only: bool = False
+    ) -> list[int]:
+        self._check_group(layer_group_id)
+        self._check_beam(beam)
+        out: list[int] = []
+        for b in range(len(self._pages[layer_group_id])):
+            s = self._slot_or_bad(layer_group_id, b, False)
+            if s != BAD_PAGE_INDEX or not valid_only:
+                out.append(s)
+        return out
+
+    def commit_pending_stats(self) -> KVCacheStatsDelta:
+        d = KVCacheStatsDelta(self._d_alloc_total, self._d_alloc_new, self._d_reused, self._d_missed)
+        self._d_alloc_total = 0
+        self._d_alloc_new = 0
+        self._d_reused = 0
+        self._d_missed = 0
+        return d
+
+    def prefetch(self, level: int) -> bool:
+        """Moves a suspended cache's pages up to `level`. With level 0 the only level, pages are
+        already there."""
+        if self._status != SUSPENDED:
+            raise LogicError("prefetch needs a SUSPENDED cache")
+        _check_count(level, "level")
+        if level >= self._ctx.storage.num_levels:
+            raise ValueError(f"level {level} does not exist")
+        return True
+
+    # ---- internal accessors (invariant checks) ------------------------------------------------
+    def _page_lists(self) -> list[list[int]]:
+        return [list(v) for v in self._pages]

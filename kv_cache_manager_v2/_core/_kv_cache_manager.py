@@ -1,0 +1,308 @@
+"""KVCacheManager: the entry point. Builds the layout, the storage levels and the reuse tree,
+creates caches, answers layout questions and checks its own invariants."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+from .._backends._host import select_backend
+from .._block_radix_tree import BlockRadixTree
+from .._common import BufferId, PageIndexMode, TokenIdExt, div_up
+from .._config import (
+    KVCacheManagerConfig,
+    check_reuse_scope,
+    validate_config,
+    validate_pool_ratio,
+)
+from .._exceptions import LogicError
+from .._life_cycle_registry import LifeCycleRegistry
+from .._page import NIL
+from .._stats import AggregatedPageDesc, IterationStats, StorageStatistics
+from .._storage._layout import BufferLayout, StorageLayout
+from .._storage_manager import StorageManager
+from .._tokens import validate_tokens
+from ._context import CacheContext
+from ._index import PageIndexConverter
+from ._kv_cache import ACTIVE, KVCache, PriorityCallback
+
+
+class KVCacheManager:
+    def __init__(self, config: KVCacheManagerConfig) -> None:
+        config = validate_config(config)
+        self._config = config
+        registry = LifeCycleRegistry(config.layers, config.tokens_per_block)
+        ratio = validate_pool_ratio(config.initial_pool_ratio, registry.num_groups)
+        self._registry = registry
+        layout = StorageLayout(config, registry)
+        self._layout = layout
+        backend = select_backend(config.backend)
+        self._backend_name = backend.name
+        quotas = [t.quota for t in config.cache_tiers]
+        storage = StorageManager(layout, quotas, backend, ratio)
+        tree = BlockRadixTree(
+            config.tokens_per_block,
+            registry.life_cycles,
+            storage,
+            config.enable_partial_reuse,
+            config.reuse_match_backoff,
+        )
+        self._ctx = CacheContext(config, registry, layout, storage, tree)
+        self._converters: dict[tuple[int, str], PageIndexConverter] = {}
+
+    # ---- properties ----------------------------------------------------------------------------
+    @property
+    def tokens_per_block(self) -> int:
+        return self._config.tokens_per_block
+
+    @property
+    def layer_grouping(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(ids) for ids in self._registry.group_layers)
+
+    @property
+    def backend(self) -> str:
+        return self._backend_name
+
+    @property
+    def num_open_caches(self) -> int:
+        return len(self._ctx.open_caches)
+
+    def _check_alive(self) -> None:
+        if self._ctx.shut_down:
+            raise LogicError("the manager was shut down")
+
+    # ---- caches --------------------------------------------------------------------------------
+    def create_kv_cache(
+        self,
+        reuse_scope: object = None,
+        input_tokens: Sequence[TokenIdExt] | None = None,
+        id: object = None,
+        custom_priority_callback: PriorityCallback | None = None,
+    ) -> KVCache:
+        """A SUSPENDED cache holding the longest reusable prefix of `input_tokens`."""
+        self._check_alive()
+        scope = check_reuse_scope(reuse_scope)
+        if custom_priority_callback is not None and not callable(custom_priority_callback):
+            raise TypeError("custom_priority_callback must be callable or None")
+        ctx = self._ctx
+        tree = ctx.tree
+        root = tree.root_for(scope, True)
+        kv = KVCache(ctx, id, scope, custom_priority_callback)
+        if input_tokens is not None:
+            seq, packed = validate_tokens(input_tokens, "input_tokens")
+            match = tree.match(scope, seq, packed)
+            match.root = root
+            kv._adopt(match, seq)
+            missed = div_up(len(seq), ctx.tokens_per_block) - div_up(match.length, ctx.tokens_per_block)
+            kv._d_missed += missed
+            for lg in range(ctx.num_groups):
+                ctx.st_missed[lg] += missed
+        else:
+            kv._last_node = root
+        ctx.open_caches[kv._serial] = kv
+        return kv
+
+    def probe_reuse(self, reuse_scope: object = None, input_tokens: Sequence[TokenIdExt] | None = None) -> int:
+        """How many tokens `create_kv_cache` would reuse now (changes nothing)."""
+        self._check_alive()
+        scope = check_reuse_scope(reuse_scope)
+        if input_tokens is None:
+            return 0
+        seq, packed = validate_tokens(input_tokens, "input_tokens")
+        return self._ctx.tree.match(scope, seq, packed).length
+
+    def _require_no_open_caches(self, what: str) -> None:
+        n = len(self._ctx.open_caches)
+        if n:
+            raise LogicError(f"{what}: {n} KV cache(s) still open")
+
+    def clear_reusable_blocks(self) -> None:
+        self._check_alive()
+        self._require_no_open_caches("clear_reusable_blocks")
+        self._ctx.tree.clear()
+
+    def shutdown(self) -> None:
+        if self._ctx.shut_down:
+            return
+        self._require_no_open_caches("shutdown")
+        self._ctx.tree.clear()
+        self._ctx.storage.release_memory()
+        self._ctx.shut_down = True
+
+    # ---- layout ------------------------------------------------------------------------------------
+    def _buffer(self, layer_id: int, role: str) -> BufferLayout:
+        if isinstance(layer_id, bool) or not isinstance(layer_id, int):
+            raise TypeError("layer_id must be an int")
+        if not isinstance(role, str):
+            raise TypeError("role must be a str")
+        return self._layout.buffer(layer_id, role)
+
+    def get_layer_group_id(self, layer_id: int) -> int:
+        if isinstance(layer_id, bool) or not isinstance(layer_id, int):
+            raise TypeError("layer_id must be an int")
+        g = self._registry.layer_to_group.get(layer_id)
+        if g is None:
+            raise ValueError(f"layer_id {layer_id} is not a configured layer")
+        return g
+
+    def supports_index_mode(self, mode: PageIndexMode) -> bool | None:
+        if not isinstance(mode, PageIndexMode):
+            raise TypeError("mode must be a PageIndexMode")
+        return True
+
+    def get_mem_pool_base_address(
+        self, layer_id: int, role: str, index_mode: PageIndexMode | None = None
+    ) -> int:
+        self._check_alive()
+        bl = self._buffer(layer_id, role)
+        if index_mode is not None and not isinstance(index_mode, PageIndexMode):
+            raise TypeError("index_mode must be a PageIndexMode or None")
+        pg = self._layout.layer_groups[bl.layer_group].pool_group
+        base = self._ctx.storage.pool_addresses[pg][bl.pool_index]
+        if index_mode is PageIndexMode.PER_LAYER:
+            return base
+        return base + bl.layer_offset * bl.expanded_size
+
+    def get_page_stride(self, layer_id: int, role: str) -> int:
+        return self._buffer(layer_id, role).size
+
+    def get_page_index_upper_bound(self, layer_id: int, role: str) -> int:
+        bl = self._buffer(layer_id, role)
+        pg = self._layout.layer_groups[bl.layer_group].pool_group
+        scale = self._layout.layer_groups[bl.layer_group].pools[bl.pool_index].scale
+        return self._ctx.storage.num_slots(0, pg) * scale * bl.expansion
+
+    def get_page_index_converter(self, layer_id: int, role: str) -> PageIndexConverter:
+        bl = self._buffer(layer_id, role)
+        conv = self._converters.get((layer_id, role))
+        if conv is None:
+            scale = self._layout.layer_groups[bl.layer_group].pools[bl.pool_index].scale
+            conv = PageIndexConverter(scale, bl.expansion, bl.layer_offset, bl.scratch_pages_per_block)
+            self._converters[(layer_id, role)] = conv
+        return conv
+
+    def get_aggregated_pages(self, buffers: Iterable[BufferId | tuple[int, str]]) -> list[AggregatedPageDesc]:
+        """Byte ranges per block for a set of buffers; adjacent buffers of one slot merge."""
+        self._check_alive()
+        chosen: dict[tuple[int, int], list[BufferLayout]] = {}
+        seen: set[tuple[int, str]] = set()
+        for item in buffers:
+            layer_id, role = item[0], item[1]
+            bl = self._buffer(layer_id, role)
+            if (layer_id, role) in seen:
+                raise ValueError(f"buffers: ({layer_id}, {role!r}) is listed twice")
+            seen.add((layer_id, role))
+            chosen.setdefault((bl.layer_group, bl.pool_index), []).append(bl)
+        out: list[AggregatedPageDesc] = []
+        storage = self._ctx.storage
+        for (lg, pool_index), bls in sorted(chosen.items()):
+            pg = self._layout.layer_groups[lg].pool_group
+            pool = self._layout.layer_groups[lg].pools[pool_index]
+            base = storage.pool_addresses[pg][pool_index]
+            stride = pool.record_size
+            bls.sort(key=lambda b: b.layer_offset)
+            run: list[BufferLayout] = []
+            for bl in bls:
+                if run and run[-1].layer_offset + 1 != bl.layer_offset:
+                    out.append(self._agg_desc(base, stride, lg, run))
+                    run = []
+                run.append(bl)
+            if run:
+                out.append(self._agg_desc(base, stride, lg, run))
+        return out
+
+    @staticmethod
+    def _agg_desc(base: int, stride: int, lg: int, run: list[BufferLayout]) -> AggregatedPageDesc:
+        first = run[0]
+        return AggregatedPageDesc(
+            base + first.layer_offset * first.expanded_size,
+            sum(b.expanded_size for b in run),
+            stride,
+            lg,
+            [BufferId(b.layer_id, b.role) for b in run],
+        )
+
+    # ---- quotas and statistics --------------------------------------------------------------------
+    def _check_level(self, level: int) -> int:
+        if isinstance(level, bool) or not isinstance(level, int):
+            raise TypeError("level must be an int")
+        if not 0 <= level < self._ctx.storage.num_levels:
+            raise ValueError(f"level {level} does not exist (levels: {self._ctx.storage.num_levels})")
+        return level
+
+    def get_quota(self, level: int) -> int:
+        """Bytes in force at `level` (whole slots of every pool group)."""
+        return self._ctx.storage.quota_in_force(self._check_level(level))
+
+    def get_storage_statistics(self, level: int = 0) -> list[StorageStatistics]:
+        level = self._check_level(level)
+        storage = self._ctx.storage
+        out: list[StorageStatistics] = []
+        for pg in range(storage.num_pool_groups):
+            out.append(
+                StorageStatistics(
+                    pg,
+                    storage.num_slots(level, pg),
+                    storage.num_free(level, pg),
+                    storage.num_evictable(level, pg),
+                    self._layout.pool_groups[pg].slot_size,
+                )
+            )
+        return out
+
+    def clamp_max_seq_len_for_mem(self, batch_size: int, token_num_upper_bound: int) -> int:
+        """Longest sequence (a multiple of tokens_per_block, at most the bound) of which
+        `batch_size` could be held on level 0 at once."""
+        for name, v in (("batch_size", batch_size), ("token_num_upper_bound", token_num_upper_bound)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int")
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        tpb = self.tokens_per_block
+        storage = self._ctx.storage
+
+        def fits(n_blocks: int) -> bool:
+            need = [0] * storage.num_pool_groups
+            length = n_blocks * tpb
+            for lg, lc in enumerate(self._registry.life_cycles):
+                blocks = n_blocks - (lc.stale_end(length) - lc.stale_beg(length))
+                # A step may still touch the block before the window edge: keep one spare.
+                if lc.is_windowed and blocks < n_blocks:
+                    blocks += 1
+                need[self._layout.layer_groups[lg].pool_group] += blocks * batch_size
+            return all(need[pg] <= storage.num_slots(0, pg) for pg in range(storage.num_pool_groups))
+
+        lo, hi = 0, token_num_upper_bound // tpb
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo * tpb
+
+    def get_and_reset_iteration_stats(self) -> dict[int, IterationStats]:
+        ctx = self._ctx
+        out: dict[int, IterationStats] = {}
+        for lg in range(ctx.num_groups):
+            st = IterationStats(self._layout.layer_groups[lg].slot_size)
+            st.allocated_blocks = ctx.st_allocated[lg]
+            st.new_blocks = ctx.st_new[lg]
+            st.reused_full_blocks = ctx.st_reused_full[lg]
+            st.reused_partial_blocks = ctx.st_reused_partial[lg]
+            st.missed_blocks = ctx.st_missed[lg]
+            st.dropped_blocks = ctx.storage.dropped_by_group[lg]
+            ctx.st_allocated[lg] = 0
+            ctx.st_new[lg] = 0
+            ctx.st_reused_full[lg] = 0
+            ctx.st_reused_partial[lg] = 0
+            ctx.st_missed[lg] = 0
+            ctx.storage.dropped_by_group[lg] = 0
+            out[lg] = st
+        return out
+
+    # ---- invariants ------------------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Debug check of every bookkeeping invariant; raises AssertionError naming the first broken one."""
+        from ._invariants import check_manager
+
+        check_manager(self._ctx)

@@ -1,0 +1,1 @@
+"""Storage layout: coalesced slots, pools, pool groups and slot allocators."""
