@@ -22,7 +22,16 @@ from ._config import ReuseScope
 from ._life_cycle_registry import LifeCycle
 from ._page import NIL
 from ._storage_manager import StorageManager
-from ._tokens import pack_block, token_bytes_of_key, unpack_block
+from ._tokens import (
+    check_token,
+    first_int_token,
+    pack_block,
+    scan_tokens,
+    token_bytes_of_key,
+    unpack_block,
+    write_int_ids,
+    write_int_tokens,
+)
 
 SCOPE_DOMAIN: Final = b"kv_cache_manager_v2/ReuseScope/v1"
 
@@ -59,6 +68,8 @@ class BlockNode:
         self.prev_sibling: BlockNode | None = None
         self.sha: bytes | None = None
         self.alive: bool = True
+        # First token when the block holds only ints (-1 otherwise): a cheap partial-match filter.
+        self.first_token: i64 = first_int_token(key[8:], num_tokens) if parent is not None else -1
 
     @property
     def block_bytes(self) -> bytes:
@@ -160,6 +171,24 @@ class BlockRadixTree:
         w.write(block)
         return w.getvalue()
 
+    def chunk_key(self, parent: BlockNode, tokens: list[TokenIdExt], beg: i64, end: i64) -> bytes:
+        """Lookup key of tokens[beg:end] under `parent`, validating the tokens on the way."""
+        w = self.writer
+        w.truncate(0)
+        write_i64_le(w, parent.node_id)
+        if write_int_tokens(w, tokens, beg, end, "input_tokens"):
+            return w.getvalue()
+        for i in range(beg, end):
+            check_token(tokens[i], "input_tokens")
+        return self.child_key(parent, pack_block(tokens[beg:end]))
+
+    def ids_key(self, parent: BlockNode, ids: vec[i64], beg: i64, end: i64) -> bytes:
+        w = self.writer
+        w.truncate(0)
+        write_i64_le(w, parent.node_id)
+        write_int_ids(w, ids, beg, end)
+        return w.getvalue()
+
     def page_of(self, node: BlockNode, lg: i64) -> i64:
         return self.node_pages[node.node_id * self.num_groups + lg]
 
@@ -188,13 +217,12 @@ class BlockRadixTree:
         return prev
 
     # ---- insertion ----------------------------------------------------------------------------
-    def insert(self, parent: BlockNode, block: bytes, num_tokens: i64, pages: list[i64]) -> BlockNode:
+    def insert(self, parent: BlockNode, key: bytes, num_tokens: i64, pages: list[i64]) -> BlockNode:
         """Publishes a committed block under `parent` with the committer's page per group.
 
         If an identical block is already there, it is kept (the tree stores one copy); groups
         where it has no page adopt the committer's page. Returns the node that now stands for it.
         """
-        key = self.child_key(parent, block)
         node = self.children.get(key)
         page_node = self.storage.pages.node
         if node is None:
@@ -209,11 +237,13 @@ class BlockRadixTree:
         return node
 
     # ---- matching -------------------------------------------------------------------------
-    def match(self, scope: ReuseScope | None, tokens: Sequence[TokenIdExt], packed: bytes | None) -> ReuseMatch:
+    def match(self, scope: ReuseScope | None, tokens: list[TokenIdExt]) -> tuple[ReuseMatch, bool]:
+        """Longest reusable prefix of `tokens` (SPEC 4.3 gives the order of the rules). Validates
+        every token on the way; also says whether all tokens are ints."""
         root = self.roots.get(scope_key(scope))
         n_tok: i64 = len(tokens)
         if root is None or n_tok == 0:
-            return ReuseMatch(root, 0, [], False)
+            return ReuseMatch(root, 0, [], False), scan_tokens(tokens, 0, n_tok, "input_tokens")
         tpb = self.tokens_per_block
         path: list[BlockNode] = []
         node = root
@@ -221,28 +251,19 @@ class BlockRadixTree:
         children = self.children
         while (nfull + 1) * tpb <= n_tok:
             beg = nfull * tpb
-            if packed is not None:
-                block = packed[beg * 4 : (beg + tpb) * 4]
-            else:
-                block = pack_block(tokens[beg : beg + tpb])
-            child = children.get(self.child_key(node, block))
+            child = children.get(self.chunk_key(node, tokens, beg, beg + tpb))
             if child is None:
                 break
             path.append(child)
             node = child
             nfull += 1
         length = nfull * tpb
-        partial_node: BlockNode | None = None
-        if self.enable_partial_reuse and length < n_tok:
-            rest = list(tokens[length : min(n_tok, length + tpb)])
-            best: i64 = 0
-            c = node.first_child
-            while c is not None:
-                common = _common_prefix(c, rest)
-                if common > best or (common == best and common > 0 and partial_node is not None and c.seq < partial_node.seq):
-                    best = common
-                    partial_node = c
-                c = c.next_sibling
+        # Tokens before `length` were validated while building keys; check the rest now.
+        all_int = scan_tokens(tokens, length, n_tok, "input_tokens")
+        if all_int and nfull > 0:
+            all_int = not self._prefix_has_bytes(path)
+        if self.enable_partial_reuse and length < n_tok and node.first_child is not None:
+            best, partial_node = self._best_partial(node, tokens, length, min(n_tok, length + tpb))
             if partial_node is not None:
                 path.append(partial_node)
                 length += best
@@ -252,9 +273,34 @@ class BlockRadixTree:
             length = length // tpb * tpb
         length = self._servable_length(path, length)
         nb = div_up(length, tpb)
-        nodes = path[:nb]
-        m = ReuseMatch(root, length, nodes, length % tpb != 0)
-        return m
+        return ReuseMatch(root, length, path[:nb], length % tpb != 0), all_int
+
+    def _prefix_has_bytes(self, path: list[BlockNode]) -> bool:
+        for node in path:
+            if len(node.key) != 8 + 4 * node.num_tokens:
+                return True
+        return False
+
+    def _best_partial(
+        self, node: BlockNode, tokens: list[TokenIdExt], beg: i64, end: i64
+    ) -> tuple[i64, BlockNode | None]:
+        """The child sharing the longest token prefix with tokens[beg:end] (>= 1; ties: oldest)."""
+        t0 = tokens[beg]
+        want: i64 = t0 if isinstance(t0, int) else -1
+        best: i64 = 0
+        best_node: BlockNode | None = None
+        rest: list[TokenIdExt] | None = None
+        c = node.first_child
+        while c is not None:
+            if want < 0 or c.first_token < 0 or c.first_token == want:
+                if rest is None:
+                    rest = tokens[beg:end]
+                common = _common_prefix(c, rest)
+                if common > best or (common == best and common > 0 and best_node is not None and c.seq < best_node.seq):
+                    best = common
+                    best_node = c
+            c = c.next_sibling
+        return best, best_node
 
     def _has_page(self, node: BlockNode, lg: i64) -> bool:
         return self.node_pages[node.node_id * self.num_groups + lg] != NIL

@@ -1,67 +1,100 @@
-"""Token validation and packing (ints as 4-byte little-endian, 32-byte digests raw)."""
+"""Token validation and packing.
+
+Packing (ints as 4-byte little-endian, 32-byte digests raw) is what the SHA-256 chain hashes and
+what the reuse tree's lookup keys hold. The loops here are written for mypyc: one pass over a
+list of ints, writing straight into a reusable BytesWriter, no intermediate objects.
+"""
 
 from __future__ import annotations
 
-from array import array
 from typing import Final, Sequence
 
-from librt.vecs import append, extend, vec
-from mypy_extensions import i64
+from librt.strings import BytesWriter, read_i32_le, write_i32_le
+from librt.vecs import vec
+from mypy_extensions import i32, i64
 
 from ._common import BYTES_TOKEN_LEN, TOKEN_ID_LIMIT, TokenIdExt
-
-assert array("I").itemsize == 4, "array('I') must be 4 bytes for token packing"
 
 # Marks a block holding at least one bytes token; followed by one kind byte per token so the
 # lookup key of a mixed block never equals the key of an all-int block.
 MIXED_MARK: Final = b"\xff"
+_I32_WRAP: Final = 1 << 32
+_I32_MAX: Final = (1 << 31) - 1
 
 
 def check_token(t: object, name: str) -> None:
-    if isinstance(t, bool) or not isinstance(t, (int, bytes)):
-        raise TypeError(f"{name}: a token must be an int or 32 bytes, got {type(t).__name__}")
-    if isinstance(t, int):
+    if isinstance(t, int) and not isinstance(t, bool):
         if t < 0 or t >= TOKEN_ID_LIMIT:
             raise ValueError(f"{name}: token id {t} is outside [0, 2**32)")
-    elif len(t) != BYTES_TOKEN_LEN:
-        raise ValueError(f"{name}: a bytes token must be exactly 32 bytes, got {len(t)}")
-
-
-def pack_all_ints(tokens: Sequence[TokenIdExt]) -> bytes | None:
-    """Packs a token list that holds only valid ints; None if it holds anything else."""
-    try:
-        return array("I", tokens).tobytes()  # type: ignore[type-var, arg-type, unused-ignore]
-    except (TypeError, OverflowError):
-        return None
-
-
-def validate_tokens(tokens: object, name: str) -> tuple[Sequence[TokenIdExt], bytes | None]:
-    """Checks every token. Returns the tokens as a sequence and, when all are ints, their packing."""
-    seq: Sequence[TokenIdExt]
-    if isinstance(tokens, (list, tuple)):
-        seq = tokens
-    elif isinstance(tokens, (str, bytes, bytearray)) or tokens is None:
-        raise TypeError(f"{name} must be a sequence of tokens, got {type(tokens).__name__}")
+    elif isinstance(t, bytes):
+        if len(t) != BYTES_TOKEN_LEN:
+            raise ValueError(f"{name}: a bytes token must be exactly 32 bytes, got {len(t)}")
     else:
-        try:
-            to_list = getattr(tokens, "tolist", None)
-            seq = list(to_list() if to_list is not None else tokens)  # type: ignore[arg-type, call-overload, unused-ignore]
-        except TypeError:
-            raise TypeError(f"{name} must be a sequence of tokens, got {type(tokens).__name__}") from None
-    packed = pack_all_ints(seq)
-    if packed is None:
-        for t in seq:
+        raise TypeError(f"{name}: a token must be an int or 32 bytes, got {type(t).__name__}")
+
+
+def scan_tokens(tokens: list[TokenIdExt], beg: i64, end: i64, name: str) -> bool:
+    """Validates tokens[beg:end]; True when all are ints."""
+    all_int = True
+    for i in range(beg, end):
+        t = tokens[i]
+        if isinstance(t, int) and not isinstance(t, bool):
+            if t < 0 or t >= TOKEN_ID_LIMIT:
+                raise ValueError(f"{name}: token id {t} is outside [0, 2**32)")
+        else:
             check_token(t, name)
-    return seq, packed
+            all_int = False
+    return all_int
+
+
+def as_token_list(tokens: object, name: str) -> list[TokenIdExt]:
+    """The tokens as a list (no copy for a list); validation happens where they are read."""
+    if isinstance(tokens, list):
+        return tokens
+    if isinstance(tokens, (str, bytes, bytearray)) or tokens is None:
+        raise TypeError(f"{name} must be a sequence of tokens, got {type(tokens).__name__}")
+    try:
+        to_list = getattr(tokens, "tolist", None)
+        return list(to_list() if to_list is not None else tokens)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of tokens, got {type(tokens).__name__}") from None
+
+
+def validate_tokens(tokens: object, name: str) -> tuple[list[TokenIdExt], bool]:
+    """Checks every token. Returns the tokens as a list and whether all of them are ints."""
+    seq = as_token_list(tokens, name)
+    return seq, scan_tokens(seq, 0, len(seq), name)
+
+
+def write_int_tokens(w: BytesWriter, tokens: list[TokenIdExt], beg: i64, end: i64, name: str) -> bool:
+    """Validates and appends tokens[beg:end] as 4-byte little-endian; False (stopped early) at
+    the first token that is not an int."""
+    for i in range(beg, end):
+        t = tokens[i]
+        if not isinstance(t, int) or isinstance(t, bool):
+            return False
+        v: i64 = t
+        if v < 0 or v >= TOKEN_ID_LIMIT:
+            raise ValueError(f"{name}: token id {t} is outside [0, 2**32)")
+        if v > _I32_MAX:
+            v -= _I32_WRAP
+        write_i32_le(w, i32(v))
+    return True
+
+
+def write_int_ids(w: BytesWriter, ids: vec[i64], beg: i64, end: i64) -> None:
+    for i in range(beg, end):
+        v = ids[i]
+        if v > _I32_MAX:
+            v -= _I32_WRAP
+        write_i32_le(w, i32(v))
 
 
 def pack_block(tokens: Sequence[TokenIdExt]) -> bytes:
-    """Lookup bytes of one block's tokens (validated already)."""
-    packed = pack_all_ints(tokens)
-    if packed is not None:
-        return packed
+    """Lookup bytes of one block's tokens (validated already), for blocks that may hold digests."""
     body = bytearray()
     kinds = bytearray()
+    mixed = False
     for t in tokens:
         if isinstance(t, int):
             body += t.to_bytes(4, "little")
@@ -69,22 +102,33 @@ def pack_block(tokens: Sequence[TokenIdExt]) -> bytes:
         else:
             body += t
             kinds.append(1)
+            mixed = True
+    if not mixed:
+        return bytes(body)
     return bytes(body) + MIXED_MARK + bytes(kinds)
 
 
-def token_bytes_of_key(block: bytes, num_tokens: int) -> bytes:
+def token_bytes_of_key(block: bytes, num_tokens: i64) -> bytes:
     """The chain-hash bytes of a block's lookup bytes (drops the mixed-kind suffix)."""
     if len(block) == 4 * num_tokens:
         return block
     return block[: len(block) - num_tokens - 1]
 
 
-def unpack_block(block: bytes, num_tokens: int) -> list[TokenIdExt]:
+def first_int_token(block: bytes, num_tokens: i64) -> i64:
+    """The block's first token when the block holds only ints, else -1."""
+    if len(block) != 4 * num_tokens or num_tokens == 0:
+        return -1
+    v: i64 = i64(read_i32_le(block, 0))
+    return v + _I32_WRAP if v < 0 else v
+
+
+def unpack_block(block: bytes, num_tokens: i64) -> list[TokenIdExt]:
     out: list[TokenIdExt] = []
     if len(block) == 4 * num_tokens:
-        a = array("I")
-        a.frombytes(block)
-        out.extend(a)
+        for i in range(num_tokens):
+            r: i64 = i64(read_i32_le(block, 4 * i))
+            out.append(r + _I32_WRAP if r < 0 else r)
         return out
     kinds = block[len(block) - num_tokens :]
     off = 0
@@ -96,51 +140,3 @@ def unpack_block(block: bytes, num_tokens: int) -> list[TokenIdExt]:
             out.append(block[off : off + BYTES_TOKEN_LEN])
             off += BYTES_TOKEN_LEN
     return out
-
-
-class TokenStore:
-    """A cache's committed tokens: ints in an unboxed vector, digests in a side list (id -1-k)."""
-
-    def __init__(self) -> None:
-        self.ids: vec[i64] = vec[i64]()
-        self.extra: list[bytes] = []
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def append(self, t: TokenIdExt) -> None:
-        if isinstance(t, int):
-            self.ids = append(self.ids, t)
-        else:
-            self.extra.append(t)
-            self.ids = append(self.ids, -len(self.extra))
-
-    def extend(self, tokens: Sequence[TokenIdExt], n: i64) -> None:
-        """Appends tokens[:n] (validated already)."""
-        if len(self.extra) == 0 and isinstance(tokens, list):
-            try:
-                self.ids = extend(self.ids, tokens[:n])  # type: ignore[arg-type, unused-ignore]
-                return
-            except TypeError:
-                pass  # bytes tokens among them: take the general path
-        for i in range(n):
-            self.append(tokens[i])
-
-    def get(self, i: i64) -> TokenIdExt:
-        v = self.ids[i]
-        if v >= 0:
-            return v
-        return self.extra[-v - 1]
-
-    def slice(self, beg: i64, end: i64) -> list[TokenIdExt]:
-        out: list[TokenIdExt] = []
-        for i in range(beg, end):
-            v = self.ids[i]
-            if v >= 0:
-                out.append(v)
-            else:
-                out.append(self.extra[-v - 1])
-        return out
-
-    def to_list(self) -> list[TokenIdExt]:
-        return self.slice(0, len(self.ids))

@@ -49,7 +49,7 @@ def check_manager(ctx: CacheContext) -> None:
     for kv in ctx.open_caches.values():
         if kv._status == CLOSED:
             _fail(f"closed cache {kv.id!r} is still registered as open")
-        nc = len(kv._tokens.ids)
+        nc = kv._tokens.count()
         if not nc <= kv._history <= kv._capacity:
             _fail(f"cache {kv.id!r}: committed {nc} <= history {kv._history} <= capacity {kv._capacity} broken")
         nb = kv.num_blocks

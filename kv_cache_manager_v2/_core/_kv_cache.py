@@ -17,6 +17,7 @@ from mypy_extensions import i64
 from .._block_radix_tree import BlockNode, ReuseMatch
 from .._common import (
     BAD_PAGE_INDEX,
+    TOKEN_ID_LIMIT,
     DEFAULT_PRIORITY,
     MAX_PRIORITY,
     KVCacheStatus,
@@ -29,7 +30,8 @@ from .._config import ReuseScope
 from .._exceptions import LogicError, OutOfPagesError
 from .._page import NIL
 from .._stats import KVCacheStatsDelta
-from .._tokens import TokenStore, check_token, pack_block, validate_tokens
+from .._token_store import TokenStore
+from .._tokens import check_token, pack_block, validate_tokens
 from ._context import CacheContext
 
 ACTIVE: i64 = 0
@@ -63,9 +65,10 @@ class KVCache:
         self._scope = scope
         self._priority_callback = priority_callback
         self._status: i64 = SUSPENDED
+        self._tpb: i64 = ctx.tokens_per_block
         self._capacity: i64 = 0
         self._history: i64 = 0
-        self._tokens = TokenStore()
+        self._tokens = TokenStore(ctx.tokens_per_block)
         g = ctx.num_groups
         self._pages: list[vec[i64]] = [vec[i64]() for _ in range(g)]
         self._stale_end: vec[i64] = vec[i64]([0] * g)
@@ -98,7 +101,7 @@ class KVCache:
 
     @property
     def num_committed_tokens(self) -> int:
-        return len(self._tokens.ids)
+        return self._tokens.count()
 
     @property
     def committed_tokens(self) -> list[TokenIdExt]:
@@ -147,7 +150,7 @@ class KVCache:
     def __repr__(self) -> str:
         return (
             f"KVCache(id={self.id!r}, status={self.status.name}, capacity={self._capacity}, "
-            f"history_length={self._history}, num_committed_tokens={len(self._tokens.ids)})"
+            f"history_length={self._history}, num_committed_tokens={self._tokens.count()})"
         )
 
     # ---- checks ----------------------------------------------------------------------------------
@@ -183,7 +186,7 @@ class KVCache:
             raise ValueError(f"custom_priority_callback must return an int in [0, 100], got {prio!r}")
         return prio
 
-    def _adopt(self, match: ReuseMatch, tokens: Sequence[TokenIdExt]) -> None:
+    def _adopt(self, match: ReuseMatch, tokens: list[TokenIdExt], all_int: bool) -> None:
         """Holds the pages of a reuse match (called once, right after construction)."""
         ctx = self._ctx
         storage = ctx.storage
@@ -214,24 +217,34 @@ class KVCache:
             ctx.st_allocated[lg] += got
         if match.partial:
             self._cow_block = nb - 1
-        self._tokens.extend(tokens, n)
+        full = n // tpb
+        self._tokens.set_prefix(nodes[:full])
+        self._tokens.extend(tokens, full * tpb, n, all_int)
         self._capacity = n
         self._history = n
-        full = n // tpb
         self._last_node = nodes[full - 1] if full > 0 else match.root
         self._d_reused += nb
         self._d_alloc_total += nb
 
     # ---- resize ----------------------------------------------------------------------------------
     def resize(self, capacity: int | None = None, history_length: int | None = None) -> bool:
-        self._require_active("resize")
-        cap: i64 = self._capacity if capacity is None else _check_count(capacity, "capacity")
+        if self._status != ACTIVE:
+            self._require_active("resize")
+        if history_length is None and capacity is not None and type(capacity) is int and capacity >= self._history:
+            # Fast path of a decode step: growth within the last block needs no page.
+            tpb = self._tpb
+            cap: i64 = capacity
+            if (cap + tpb - 1) // tpb == (self._capacity + tpb - 1) // tpb:
+                self._capacity = cap
+                return True
+            return self._resize(cap, self._history)
+        new_cap: i64 = self._capacity if capacity is None else _check_count(capacity, "capacity")
         hist: i64 = self._history if history_length is None else _check_count(history_length, "history_length")
         if hist < self._history:
             raise ValueError(f"history_length cannot decrease ({self._history} -> {hist})")
-        if hist > cap:
-            raise ValueError(f"history_length {hist} exceeds capacity {cap}")
-        return self._resize(cap, hist)
+        if hist > new_cap:
+            raise ValueError(f"history_length {hist} exceeds capacity {new_cap}")
+        return self._resize(new_cap, hist)
 
     def _resize(self, cap: i64, hist: i64) -> bool:
         ctx = self._ctx
@@ -327,6 +340,8 @@ class KVCache:
         """Sets history and releases the SWA pages that just became stale."""
         self._history = hist
         ctx = self._ctx
+        if len(ctx.swa_groups) == 0:
+            return
         for lg in ctx.swa_groups:
             lc = ctx.life_cycles[lg]
             e = lc.stale_end(hist)
@@ -353,22 +368,33 @@ class KVCache:
     def commit(self, tokens: Sequence[TokenIdExt]) -> None:
         if not self._committing:
             raise LogicError("commit after stop_committing() is not allowed")
-        self._require_active("commit")
+        if self._status != ACTIVE:
+            self._require_active("commit")
         n: i64 = len(tokens)
         if n == 0:
             return
-        old: i64 = len(self._tokens.ids)
+        store = self._tokens
+        old: i64 = store.count()
         if old + n > self._capacity:
             raise ValueError(
                 f"tokens: committing {n} tokens would pass capacity ({old} + {n} > {self._capacity})"
             )
         if n == 1:
             t = tokens[0]
+            if type(t) is int and 0 <= t < TOKEN_ID_LIMIT:
+                # Fast path of a decode step.
+                store.ids = append(store.ids, t)
+                new1: i64 = old + 1
+                if new1 % self._tpb == 0:
+                    self._publish(new1 // self._tpb - 1)
+                if new1 > self._history:
+                    self._raise_history(new1)
+                return
             check_token(t, "tokens")
-            self._tokens.append(t)
+            store.append(t)
         else:
-            seq, _ = validate_tokens(tokens, "tokens")
-            self._tokens.extend(seq, n)
+            seq, all_int = validate_tokens(tokens, "tokens")
+            self._tokens.extend(seq, 0, n, all_int)
         tpb = self._ctx.tokens_per_block
         new: i64 = old + n
         for b in range(old // tpb, new // tpb):
@@ -384,11 +410,20 @@ class KVCache:
             return
         ctx = self._ctx
         tpb = ctx.tokens_per_block
-        block = pack_block(self._tokens.slice(b * tpb, (b + 1) * tpb))
+        self._last_node = ctx.tree.insert(parent, self._block_key(parent, b * tpb, (b + 1) * tpb), tpb, self._pages_at(b))
+
+    def _block_key(self, parent: BlockNode, beg: i64, end: i64) -> bytes:
+        tree = self._ctx.tree
+        if self._tokens.has_bytes(beg, end):
+            return tree.child_key(parent, pack_block(self._tokens.slice(beg, end)))
+        off = self._tokens.prefix_tokens
+        return tree.ids_key(parent, self._tokens.ids, beg - off, end - off)
+
+    def _pages_at(self, b: i64) -> list[i64]:
         pages: list[i64] = []
-        for lg in range(ctx.num_groups):
+        for lg in range(self._ctx.num_groups):
             pages.append(self._pages[lg][b])
-        self._last_node = ctx.tree.insert(parent, block, tpb, pages)
+        return pages
 
     def stop_committing(self) -> None:
         """Ends committing; a trailing partial block is published so it stays reusable."""
@@ -397,7 +432,7 @@ class KVCache:
         self._committing = False
         ctx = self._ctx
         tpb = ctx.tokens_per_block
-        n = len(self._tokens.ids)
+        n = self._tokens.count()
         rem = n % tpb
         parent = self._last_node
         if rem == 0 or parent is None or not parent.alive:
@@ -405,11 +440,7 @@ class KVCache:
         b = n // tpb
         if b == self._cow_block:
             return  # these tokens are already in the tree (the donor's block)
-        block = pack_block(self._tokens.slice(b * tpb, n))
-        pages: list[i64] = []
-        for lg in range(ctx.num_groups):
-            pages.append(self._pages[lg][b])
-        ctx.tree.insert(parent, block, rem, pages)
+        ctx.tree.insert(parent, self._block_key(parent, b * tpb, n), rem, self._pages_at(b))
 
     # ---- suspend / resume / close --------------------------------------------------------------------
     def suspend(self) -> None:

@@ -20,7 +20,7 @@ from .._page import NIL
 from .._stats import AggregatedPageDesc, IterationStats, StorageStatistics
 from .._storage._layout import BufferLayout, StorageLayout
 from .._storage_manager import StorageManager
-from .._tokens import validate_tokens
+from .._tokens import as_token_list
 from ._context import CacheContext
 from ._index import PageIndexConverter
 from ._kv_cache import ACTIVE, KVCache, PriorityCallback
@@ -88,10 +88,10 @@ class KVCacheManager:
         root = tree.root_for(scope, True)
         kv = KVCache(ctx, id, scope, custom_priority_callback)
         if input_tokens is not None:
-            seq, packed = validate_tokens(input_tokens, "input_tokens")
-            match = tree.match(scope, seq, packed)
+            seq = as_token_list(input_tokens, "input_tokens")
+            match, all_int = tree.match(scope, seq)
             match.root = root
-            kv._adopt(match, seq)
+            kv._adopt(match, seq, all_int)
             missed = div_up(len(seq), ctx.tokens_per_block) - div_up(match.length, ctx.tokens_per_block)
             kv._d_missed += missed
             for lg in range(ctx.num_groups):
@@ -107,8 +107,8 @@ class KVCacheManager:
         scope = check_reuse_scope(reuse_scope)
         if input_tokens is None:
             return 0
-        seq, packed = validate_tokens(input_tokens, "input_tokens")
-        return self._ctx.tree.match(scope, seq, packed).length
+        seq = as_token_list(input_tokens, "input_tokens")
+        return self._ctx.tree.match(scope, seq)[0].length
 
     def _require_no_open_caches(self, what: str) -> None:
         n = len(self._ctx.open_caches)
