@@ -69,7 +69,7 @@ class BlockNode:
         self.sha: bytes | None = None
         self.alive: bool = True
         # First token when the block holds only ints (-1 otherwise): a cheap partial-match filter.
-        self.first_token: i64 = first_int_token(key[8:], num_tokens) if parent is not None else -1
+        self.first_token: i64 = first_int_token(key, num_tokens) if parent is not None else -1
 
     @property
     def block_bytes(self) -> bytes:
@@ -217,8 +217,9 @@ class BlockRadixTree:
         return prev
 
     # ---- insertion ----------------------------------------------------------------------------
-    def insert(self, parent: BlockNode, key: bytes, num_tokens: i64, pages: list[i64]) -> BlockNode:
-        """Publishes a committed block under `parent` with the committer's page per group.
+    def insert(self, parent: BlockNode, key: bytes, num_tokens: i64, cache_pages: list[vec[i64]], block: i64) -> BlockNode:
+        """Publishes a committed block under `parent`, offering the committer's page of each
+        group (`cache_pages[lg][block]`).
 
         If an identical block is already there, it is kept (the tree stores one copy); groups
         where it has no page adopt the committer's page. Returns the node that now stands for it.
@@ -230,7 +231,7 @@ class BlockRadixTree:
             self.children[key] = node
         base = node.node_id * self.num_groups
         for g in range(self.num_groups):
-            p = pages[g]
+            p = cache_pages[g][block]
             if p != NIL and self.node_pages[base + g] == NIL and page_node[p] == NIL:
                 self.node_pages[base + g] = p
                 page_node[p] = node.node_id
@@ -321,13 +322,17 @@ class BlockRadixTree:
         return 0
 
     def _swa_servable(self, path: list[BlockNode], length: i64) -> bool:
+        """Whether every windowed group has a page on its sink and window blocks at `length`."""
         nb = div_up(length, self.tokens_per_block)
         for lg in self.swa_groups:
             lc = self.life_cycles[lg]
             s = lc.stale_beg(length)
             e = lc.stale_end(length)
-            for b in range(nb):
-                if (b < s or b >= e) and not self._has_page(path[b], lg):
+            for b in range(s):
+                if not self._has_page(path[b], lg):
+                    return False
+            for b in range(e, nb):
+                if not self._has_page(path[b], lg):
                     return False
         return True
 

@@ -115,11 +115,11 @@ def token_bytes_of_key(block: bytes, num_tokens: i64) -> bytes:
     return block[: len(block) - num_tokens - 1]
 
 
-def first_int_token(block: bytes, num_tokens: i64) -> i64:
-    """The block's first token when the block holds only ints, else -1."""
-    if len(block) != 4 * num_tokens or num_tokens == 0:
+def first_int_token(key: bytes, num_tokens: i64) -> i64:
+    """First token of a lookup key (8-byte parent id + block) when the block holds only ints, else -1."""
+    if len(key) != 8 + 4 * num_tokens or num_tokens == 0:
         return -1
-    v: i64 = i64(read_i32_le(block, 0))
+    v: i64 = i64(read_i32_le(key, 8))
     return v + _I32_WRAP if v < 0 else v
 
 

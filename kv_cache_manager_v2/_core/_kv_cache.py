@@ -410,7 +410,7 @@ class KVCache:
             return
         ctx = self._ctx
         tpb = ctx.tokens_per_block
-        self._last_node = ctx.tree.insert(parent, self._block_key(parent, b * tpb, (b + 1) * tpb), tpb, self._pages_at(b))
+        self._last_node = ctx.tree.insert(parent, self._block_key(parent, b * tpb, (b + 1) * tpb), tpb, self._pages, b)
 
     def _block_key(self, parent: BlockNode, beg: i64, end: i64) -> bytes:
         tree = self._ctx.tree
@@ -418,12 +418,6 @@ class KVCache:
             return tree.child_key(parent, pack_block(self._tokens.slice(beg, end)))
         off = self._tokens.prefix_tokens
         return tree.ids_key(parent, self._tokens.ids, beg - off, end - off)
-
-    def _pages_at(self, b: i64) -> list[i64]:
-        pages: list[i64] = []
-        for lg in range(self._ctx.num_groups):
-            pages.append(self._pages[lg][b])
-        return pages
 
     def stop_committing(self) -> None:
         """Ends committing; a trailing partial block is published so it stays reusable."""
@@ -440,7 +434,7 @@ class KVCache:
         b = n // tpb
         if b == self._cow_block:
             return  # these tokens are already in the tree (the donor's block)
-        ctx.tree.insert(parent, self._block_key(parent, b * tpb, n), rem, self._pages_at(b))
+        ctx.tree.insert(parent, self._block_key(parent, b * tpb, n), rem, self._pages, b)
 
     # ---- suspend / resume / close --------------------------------------------------------------------
     def suspend(self) -> None:
