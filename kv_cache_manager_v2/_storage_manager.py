@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from librt.vecs import vec
+from librt.vecs import append, vec
 from mypy_extensions import i64
 
 from ._backends._host import HostAllocation, HostBackend
@@ -108,6 +108,21 @@ class StorageManager:
             assert victim != NIL
             self.drop(victim)
         return True
+
+    def new_locked_pages(
+        self, pool_group: i64, layer_group: i64, priority: i64, n: i64, out: vec[i64]
+    ) -> vec[i64]:
+        """Appends n fresh level-0 pages, each locked once, to `out` (the caller made room)."""
+        alloc = self.allocators[pool_group]
+        if len(alloc.free) < n:
+            raise OutOfPagesError(f"no free slot at level 0 for pool group {pool_group}")
+        pages = self.pages
+        for _ in range(n):
+            p = pages.new_page(0, -1, pool_group, layer_group, priority)
+            pages.slot[p] = alloc.take(p)
+            pages.locks[p] = 1
+            out = append(out, p)
+        return out
 
     def new_page(self, level: i64, pool_group: i64, layer_group: i64, priority: i64) -> i64:
         """A fresh page in a free slot (the caller made room first)."""

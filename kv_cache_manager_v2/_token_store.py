@@ -6,8 +6,8 @@ from librt.vecs import append, vec
 from mypy_extensions import i64
 
 from ._block_radix_tree import BlockNode
-from ._common import TokenIdExt
-from ._tokens import unpack_block
+from ._common import TOKEN_ID_LIMIT, TokenIdExt
+from ._tokens import scan_tokens, unpack_block
 
 
 class TokenStore:
@@ -38,6 +38,23 @@ class TokenStore:
         else:
             self.extra.append(t)
             self.ids = append(self.ids, -len(self.extra))
+
+    def extend_checked(self, tokens: list[TokenIdExt], name: str) -> None:
+        """Validates and appends every token; on a bad token raises with nothing appended."""
+        ids = self.ids
+        n = len(tokens)
+        for i in range(n):
+            t = tokens[i]
+            if type(t) is int:
+                assert isinstance(t, int)
+                if 0 <= t < TOKEN_ID_LIMIT:
+                    ids = append(ids, t)
+                    continue
+            # A digest or a bad token: validate everything first, then take the general path.
+            all_int = scan_tokens(tokens, 0, n, name)
+            self.extend(tokens, 0, n, all_int)
+            return
+        self.ids = ids
 
     def extend(self, tokens: list[TokenIdExt], beg: i64, end: i64, all_int: bool) -> None:
         """Appends tokens[beg:end] (validated already)."""

@@ -23,7 +23,9 @@ _I32_MAX: Final = (1 << 31) - 1
 
 
 def check_token(t: object, name: str) -> None:
-    if isinstance(t, int) and not isinstance(t, bool):
+    """Raises unless t is an int in [0, 2**32) (bool is rejected) or exactly 32 bytes."""
+    if type(t) is int:
+        assert isinstance(t, int)
         if t < 0 or t >= TOKEN_ID_LIMIT:
             raise ValueError(f"{name}: token id {t} is outside [0, 2**32)")
     elif isinstance(t, bytes):
@@ -38,7 +40,7 @@ def scan_tokens(tokens: list[TokenIdExt], beg: i64, end: i64, name: str) -> bool
     all_int = True
     for i in range(beg, end):
         t = tokens[i]
-        if isinstance(t, int) and not isinstance(t, bool):
+        if type(t) is int:
             if t < 0 or t >= TOKEN_ID_LIMIT:
                 raise ValueError(f"{name}: token id {t} is outside [0, 2**32)")
         else:
@@ -71,8 +73,9 @@ def write_int_tokens(w: BytesWriter, tokens: list[TokenIdExt], beg: i64, end: i6
     the first token that is not an int."""
     for i in range(beg, end):
         t = tokens[i]
-        if not isinstance(t, int) or isinstance(t, bool):
+        if type(t) is not int:
             return False
+        assert isinstance(t, int)
         v: i64 = t
         if v < 0 or v >= TOKEN_ID_LIMIT:
             raise ValueError(f"{name}: token id {t} is outside [0, 2**32)")

@@ -31,7 +31,7 @@ from .._exceptions import LogicError, OutOfPagesError
 from .._page import NIL
 from .._stats import KVCacheStatsDelta
 from .._token_store import TokenStore
-from .._tokens import check_token, pack_block, validate_tokens
+from .._tokens import as_token_list, check_token, pack_block
 from ._context import CacheContext
 
 ACTIVE: i64 = 0
@@ -195,18 +195,25 @@ class KVCache:
         n = match.length
         nb = div_up(n, tpb)
         nodes = match.nodes
-        for lg in range(ctx.num_groups):
+        num_groups = ctx.num_groups
+        node_pages = tree.node_pages
+        table = storage.pages
+        holds = table.holds
+        listed = table.listed
+        for lg in range(num_groups):
             lc = ctx.life_cycles[lg]
             s = lc.stale_beg(n)
             e = lc.stale_end(n)
-            pages = self._pages[lg]
+            pages = vec[i64](capacity=nb + 1)
             got: i64 = 0
             for b in range(nb):
                 if s <= b < e:
                     pages = append(pages, NIL)
                     continue
-                p = tree.page_of(nodes[b], lg)
-                storage.add_hold(p)
+                p = node_pages[nodes[b].node_id * num_groups + lg]
+                if listed[p]:
+                    table.unlink(p)
+                holds[p] += 1
                 pages = append(pages, p)
                 got += 1
             self._pages[lg] = pages
@@ -301,18 +308,29 @@ class KVCache:
             pages = self._pages[lg]
             buf = self._index_bufs[lg]
             got: i64 = 0
-            for b in range(old_nb, new_nb):
-                if windowed and s <= b < e:
+            if buf is None and self._priority_callback is None:
+                # Common case: fresh pages in batches around the stale range, nobody to notify.
+                if not windowed:
+                    s = new_nb
+                    e = new_nb
+                lo = min(max(old_nb, s), new_nb)
+                hi = min(max(old_nb, e), new_nb)
+                pages = storage.new_locked_pages(pgid, lg, DEFAULT_PRIORITY, lo - old_nb, pages)
+                for _ in range(lo, hi):
                     pages = append(pages, NIL)
+                pages = storage.new_locked_pages(pgid, lg, DEFAULT_PRIORITY, new_nb - hi, pages)
+                got = (lo - old_nb) + (new_nb - hi)
+            else:
+                for b in range(old_nb, new_nb):
+                    if windowed and s <= b < e:
+                        pages = append(pages, NIL)
+                        if buf is not None:
+                            buf[b] = BAD_PAGE_INDEX
+                        continue
+                    pages = storage.new_locked_pages(pgid, lg, self._priority(b, lg), 1, pages)
                     if buf is not None:
-                        buf[b] = BAD_PAGE_INDEX
-                    continue
-                p = storage.new_page(0, pgid, lg, self._priority(b, lg))
-                storage.pages.locks[p] = 1
-                pages = append(pages, p)
-                if buf is not None:
-                    buf[b] = storage.pages.slot[p]
-                got += 1
+                        buf[b] = storage.pages.slot[pages[b]]
+                    got += 1
             self._pages[lg] = pages
             if windowed and e > self._stale_end[lg]:
                 self._stale_end[lg] = e
@@ -393,8 +411,7 @@ class KVCache:
             check_token(t, "tokens")
             store.append(t)
         else:
-            seq, all_int = validate_tokens(tokens, "tokens")
-            self._tokens.extend(seq, 0, n, all_int)
+            store.extend_checked(as_token_list(tokens, "tokens"), "tokens")
         tpb = self._ctx.tokens_per_block
         new: i64 = old + n
         for b in range(old // tpb, new // tpb):
