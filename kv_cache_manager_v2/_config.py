@@ -189,12 +189,12 @@ def validate_config(config: object) -> KVCacheManagerConfig:
             raise ValueError(f"cache_tiers[{i}].path must be a non-empty str")
     if not isinstance(tiers[0], GpuCacheTierConfig):
         raise ValueError("cache_tiers[0] must be a GpuCacheTierConfig")
-    for i, t in enumerate(tiers[1:], start=1):
-        if isinstance(t, GpuCacheTierConfig):
-            raise ValueError(f"cache_tiers[{i}]: only the first tier may be a GpuCacheTierConfig")
-        raise ValueError(
-            f"cache_tiers[{i}]: {type(t).__name__} is not supported yet (host/disk tiers are planned)"
-        )
+    order = {GpuCacheTierConfig: 0, HostCacheTierConfig: 1, DiskCacheTierConfig: 2}
+    for i in range(1, len(tiers)):
+        if order[type(tiers[i])] <= order[type(tiers[i - 1])]:
+            raise ValueError(
+                f"cache_tiers[{i}]: tiers go warm to cold (GPU, then at most one host, then at most one disk)"
+            )
     # Layers.
     layers = config.layers
     if not isinstance(layers, list) or not layers:

@@ -36,12 +36,16 @@ class PageTable:
         self.next: vec[i64] = vec[i64]()
         # 1 while the page is in an evictable list.
         self.listed: vec[i64] = vec[i64]()
+        # >0 while something (a resume in flight, a batch claim) must not see the page move.
+        self.pinned: vec[i64] = vec[i64]()
         self.free_ids: vec[i64] = vec[i64]()
         self.num_live: i64 = 0
         n = num_levels * num_pool_groups * NUM_PRIORITIES
         self.heads: vec[i64] = vec[i64]([NIL] * n)
         self.tails: vec[i64] = vec[i64]([NIL] * n)
         self.listed_count: vec[i64] = vec[i64]([0] * (num_levels * num_pool_groups))
+        # Listed pages that are HELD (they can only move colder, never be dropped).
+        self.held_listed_count: vec[i64] = vec[i64]([0] * (num_levels * num_pool_groups))
 
     def new_page(self, level: i64, slot: i64, pool_group: i64, layer_group: i64, priority: i64) -> i64:
         n = len(self.free_ids)
@@ -58,6 +62,7 @@ class PageTable:
             self.prev[p] = NIL
             self.next[p] = NIL
             self.listed[p] = 0
+            self.pinned[p] = 0
         else:
             p = len(self.level)
             self.level = append(self.level, level)
@@ -71,6 +76,7 @@ class PageTable:
             self.prev = append(self.prev, NIL)
             self.next = append(self.next, NIL)
             self.listed = append(self.listed, 0)
+            self.pinned = append(self.pinned, 0)
         self.num_live += 1
         return p
 
@@ -99,7 +105,10 @@ class PageTable:
             self.next[tail] = p
         self.tails[li] = p
         self.listed[p] = 1
-        self.listed_count[self.level[p] * self.num_pool_groups + self.pool_group[p]] += 1
+        k = self.level[p] * self.num_pool_groups + self.pool_group[p]
+        self.listed_count[k] += 1
+        if self.holds[p] > 0:
+            self.held_listed_count[k] += 1
 
     def unlink(self, p: i64) -> None:
         li = self.list_index(p)
@@ -116,16 +125,25 @@ class PageTable:
         self.prev[p] = NIL
         self.next[p] = NIL
         self.listed[p] = 0
-        self.listed_count[self.level[p] * self.num_pool_groups + self.pool_group[p]] -= 1
+        k = self.level[p] * self.num_pool_groups + self.pool_group[p]
+        self.listed_count[k] -= 1
+        if self.holds[p] > 0:
+            self.held_listed_count[k] -= 1
 
-    def first_victim(self, level: i64, pool_group: i64) -> i64:
-        """Lowest priority, least recently released evictable page of (level, pool group)."""
+    def first_victim(self, level: i64, pool_group: i64, allow_held: bool) -> i64:
+        """Lowest priority, least recently released evictable page of (level, pool group);
+        HELD pages are skipped unless `allow_held`."""
         base = (level * self.num_pool_groups + pool_group) * NUM_PRIORITIES
         for prio in range(NUM_PRIORITIES):
             h = self.heads[base + prio]
-            if h != NIL:
-                return h
+            while h != NIL:
+                if allow_held or self.holds[h] == 0:
+                    return h
+                h = self.next[h]
         return NIL
+
+    def held_evictable_count(self, level: i64, pool_group: i64) -> i64:
+        return self.held_listed_count[level * self.num_pool_groups + pool_group]
 
     def evictable_count(self, level: i64, pool_group: i64) -> i64:
         return self.listed_count[level * self.num_pool_groups + pool_group]

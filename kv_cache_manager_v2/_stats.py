@@ -44,6 +44,7 @@ class IterationStats:
         "offloaded_blocks",
         "dropped_blocks",
         "block_bytes",
+        "onboarded_from_level",
     )
 
     def __init__(self, block_bytes: int) -> None:
@@ -56,6 +57,8 @@ class IterationStats:
         self.offloaded_blocks = 0
         self.dropped_blocks = 0
         self.block_bytes = block_bytes
+        # Onboarded blocks by the level they came from (index = level; entry 0 is always 0).
+        self.onboarded_from_level: list[int] = []
 
     @property
     def reused_blocks(self) -> int:
@@ -85,7 +88,7 @@ class IterationStats:
     def dropped_bytes(self) -> int:
         return self.dropped_blocks * self.block_bytes
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | list[int]]:
         return {
             "allocated_blocks": self.allocated_blocks,
             "new_blocks": self.new_blocks,
@@ -101,6 +104,7 @@ class IterationStats:
             "onboarded_bytes": self.onboarded_bytes,
             "offloaded_bytes": self.offloaded_bytes,
             "dropped_bytes": self.dropped_bytes,
+            "onboarded_from_level": list(self.onboarded_from_level),
         }
 
     def __repr__(self) -> str:

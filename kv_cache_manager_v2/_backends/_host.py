@@ -23,11 +23,23 @@ class HostAllocation:
         self.address = 0
         if size > 0:
             try:
-                self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                # MAP_NORESERVE: reserve address space; memory is committed only when touched.
+                flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
+                self._map = mmap.mmap(-1, size, flags=flags)
             except OSError as e:  # pragma: no cover - depends on the machine
                 raise OutOfMemoryError(f"host allocation of {size} bytes failed: {e}") from e
             self._view = (ctypes.c_char * size).from_buffer(self._map)
             self.address = ctypes.addressof(self._view)
+
+    def discard_from(self, offset: int) -> None:
+        """Returns the memory past `offset` to the OS; the addresses stay reserved (zero-filled)."""
+        m = self._map
+        if m is None or offset >= self.size:
+            return
+        page = mmap.PAGESIZE
+        start = (offset + page - 1) // page * page
+        if start < self.size:
+            m.madvise(mmap.MADV_DONTNEED, start, self.size - start)
 
     def release(self) -> None:
         self._view = None

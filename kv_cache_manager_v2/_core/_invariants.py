@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .._block_radix_tree import BlockNode
 from .._page import NIL
+from .._storage_manager import LEVEL_LOST
 from ._context import CacheContext
 from ._kv_cache import ACTIVE, CLOSED
 
@@ -40,8 +41,9 @@ def check_manager(ctx: CacheContext) -> None:
                     _fail(f"level {level} pool group {pg}: slot {s} maps page {p} which is placed elsewhere")
             if len(free) + sum(1 for s in range(alloc.num_slots) if alloc.slot_page[s] != NIL) != alloc.num_slots:
                 _fail(f"level {level} pool group {pg}: free + used != total")
-    if used_slots != pages.num_live:
-        _fail(f"{pages.num_live} live pages but {used_slots} used slots")
+    lost_count = sum(1 for p in range(n_pages) if pages.level[p] == LEVEL_LOST)
+    if used_slots != pages.num_live - lost_count:
+        _fail(f"{pages.num_live} live pages ({lost_count} lost) but {used_slots} used slots")
 
     # Expected references from open caches.
     locks = [0] * n_pages
@@ -71,6 +73,8 @@ def check_manager(ctx: CacheContext) -> None:
                     continue
                 if not pages.is_live(p):
                     _fail(f"cache {kv.id!r} group {lg}: block {b} refers to freed page {p}")
+                if pages.level[p] == LEVEL_LOST and not kv._lost_data and kv._status == ACTIVE:
+                    _fail(f"active cache {kv.id!r} uses lost page {p}")
                 if pages.layer_group[p] != lg:
                     _fail(f"cache {kv.id!r} group {lg}: page {p} belongs to group {pages.layer_group[p]}")
                 if kv._status == ACTIVE:
@@ -84,6 +88,12 @@ def check_manager(ctx: CacheContext) -> None:
             if locks[p] or holds[p]:
                 _fail(f"freed page {p} is still referenced")
             continue
+        if pages.pinned[p] != 0:
+            _fail(f"page {p} is still pinned between calls")
+        if pages.level[p] == LEVEL_LOST:
+            if locks[p] + holds[p] == 0 or pages.node[p] != NIL or pages.listed[p]:
+                _fail(f"lost page {p} must be held by a cache, outside the tree and unlisted")
+            continue
         if pages.locks[p] != locks[p] or pages.holds[p] != holds[p]:
             _fail(
                 f"page {p}: locks/holds {pages.locks[p]}/{pages.holds[p]} but caches account for {locks[p]}/{holds[p]}"
@@ -91,7 +101,10 @@ def check_manager(ctx: CacheContext) -> None:
         unref = locks[p] == 0 and holds[p] == 0
         if unref and pages.node[p] == NIL:
             _fail(f"page {p} is referenced by nobody and not in the tree (leak)")
-        if bool(pages.listed[p]) != (unref and pages.node[p] != NIL):
+        want = pages.locks[p] == 0 and (
+            (pages.holds[p] == 0 and pages.node[p] != NIL) or (pages.holds[p] > 0 and pages.level[p] < storage.last_level)
+        )
+        if bool(pages.listed[p]) != want:
             _fail(f"page {p}: evictable-list membership {pages.listed[p]} does not match its state")
         nid = pages.node[p]
         if nid != NIL:
@@ -115,6 +128,9 @@ def check_manager(ctx: CacheContext) -> None:
                     p = pages.next[p]
                 if pages.tails[li] != prev:
                     _fail(f"evictable list {level}/{pg}/{prio}: tail mismatch")
+            held = sum(1 for p in range(n_pages) if pages.listed[p] and pages.level[p] == level and pages.pool_group[p] == pg and pages.holds[p] > 0)
+            if held != pages.held_evictable_count(level, pg):
+                _fail(f"level {level} pool group {pg}: held-listed counter is wrong")
             if count != pages.evictable_count(level, pg):
                 _fail(f"level {level} pool group {pg}: {count} listed pages, counter says {pages.evictable_count(level, pg)}")
 

@@ -27,9 +27,10 @@ from .._common import (
     div_up,
 )
 from .._config import ReuseScope
-from .._exceptions import LogicError, OutOfPagesError
+from .._exceptions import DataIntegrityError, LogicError, OutOfPagesError
 from .._page import NIL
 from .._stats import KVCacheStatsDelta
+from .._storage_manager import LEVEL_LOST
 from .._token_store import TokenStore
 from .._tokens import as_token_list, check_token, pack_block
 from ._context import CacheContext
@@ -77,6 +78,8 @@ class KVCache:
         self._committing: bool = True
         # Block whose pages are still the donor's (a partial match, copied on first resume).
         self._cow_block: i64 = -1
+        # A page of this cache failed its checksum: only close() is allowed from now on.
+        self._lost_data: bool = False
         self._d_alloc_total: i64 = 0
         self._d_alloc_new: i64 = 0
         self._d_reused: i64 = 0
@@ -200,6 +203,7 @@ class KVCache:
         table = storage.pages
         holds = table.holds
         listed = table.listed
+        tiered = storage.last_level > 0
         for lg in range(num_groups):
             lc = ctx.life_cycles[lg]
             s = lc.stale_beg(n)
@@ -211,9 +215,12 @@ class KVCache:
                     pages = append(pages, NIL)
                     continue
                 p = node_pages[nodes[b].node_id * num_groups + lg]
-                if listed[p]:
-                    table.unlink(p)
-                holds[p] += 1
+                if tiered:
+                    storage.add_hold(p)
+                else:
+                    if listed[p]:
+                        table.unlink(p)
+                    holds[p] += 1
                 pages = append(pages, p)
                 got += 1
             self._pages[lg] = pages
@@ -286,7 +293,7 @@ class KVCache:
             else:
                 need[ctx.lg_pool_group[lg]] += new_nb - old_nb
         for pg in range(num_pg):
-            if need[pg] > 0 and storage.num_available(0, pg) < need[pg]:
+            if need[pg] > 0 and storage.capacity(0, pg) < need[pg]:
                 return False
         for lg in range(ctx.num_groups):
             buf = self._index_bufs[lg]
@@ -295,9 +302,8 @@ class KVCache:
                     f"the index buffer of layer group {lg} holds {len(buf)} entries; capacity needs {new_nb}"
                 )
         for pg in range(num_pg):
-            if need[pg] > 0:
-                ok = storage.make_room(0, pg, need[pg])
-                assert ok
+            if need[pg] > 0 and not storage.make_room(0, pg, need[pg]):
+                return False  # a failed disk write left a HELD page in place: out of pages
         stats_group = ctx.stats_group
         for lg in range(ctx.num_groups):
             lc = ctx.life_cycles[lg]
@@ -456,63 +462,139 @@ class KVCache:
     # ---- suspend / resume / close --------------------------------------------------------------------
     def suspend(self) -> None:
         self._require_active("suspend")
-        locks = self._ctx.storage.pages.locks
-        holds = self._ctx.storage.pages.holds
+        storage = self._ctx.storage
+        if storage.last_level > 0:
+            # With a colder level, HELD pages become evictable (they may move, never be dropped).
+            for lg in range(self._ctx.num_groups):
+                for p in self._pages[lg]:
+                    if p != NIL:
+                        storage.lock_to_hold(p)
+        else:
+            locks = storage.pages.locks
+            holds = storage.pages.holds
+            for lg in range(self._ctx.num_groups):
+                for p in self._pages[lg]:
+                    if p != NIL:
+                        locks[p] -= 1
+                        holds[p] += 1
+        self._status = SUSPENDED
+
+    def _all_pages(self) -> list[i64]:
+        out: list[i64] = []
         for lg in range(self._ctx.num_groups):
             for p in self._pages[lg]:
                 if p != NIL:
-                    locks[p] -= 1
-                    holds[p] += 1
-        self._status = SUSPENDED
+                    out.append(p)
+        return out
+
+    def _check_lost(self, lost: list[i64]) -> None:
+        """Raises DataIntegrityError naming the blocks whose pages lost their bytes."""
+        pages = self._ctx.storage.pages
+        if not lost:
+            for lg in range(self._ctx.num_groups):
+                for p in self._pages[lg]:
+                    if p != NIL and pages.level[p] == LEVEL_LOST:
+                        lost.append(p)
+        if not lost:
+            return
+        self._lost_data = True
+        names: list[str] = []
+        for lg in range(self._ctx.num_groups):
+            pl = self._pages[lg]
+            for b in range(len(pl)):
+                if pl[b] in lost:
+                    names.append(f"block {b} (layer group {lg})")
+        raise DataIntegrityError(
+            f"KV cache {self.id!r}: stored bytes of {', '.join(names)} failed their checksum; "
+            "the pages were dropped and the cache can only be closed"
+        )
 
     def resume(self, cuda_stream: object = None) -> bool:
         if self._status == ACTIVE:
             raise LogicError("resume: the cache is already ACTIVE")
         if self._status == CLOSED:
             raise LogicError("resume: the cache is CLOSED")
+        if self._lost_data:
+            raise LogicError("resume: this cache lost data to a failed checksum; only close() is allowed")
         ctx = self._ctx
         storage = ctx.storage
         num_pg = storage.num_pool_groups
         for pg in range(num_pg):
             if storage.utilization(0, pg) > ctx.max_util_for_resume:
                 return False
+        self._check_lost([])
         cow = self._cow_block
+        table = storage.pages
+        mine = self._all_pages()
+        need: list[int] = [0] * num_pg
+        cow_need: list[int] = [0] * num_pg
+        for p in mine:
+            if table.level[p] != 0:
+                need[table.pool_group[p]] += 1
         if cow >= 0:
-            need: list[int] = [0] * num_pg
             for lg in range(ctx.num_groups):
                 if self._pages[lg][cow] != NIL:
-                    need[ctx.lg_pool_group[lg]] += 1
-            for pg in range(num_pg):
-                if need[pg] > 0 and storage.num_available(0, pg) < need[pg]:
+                    cow_need[ctx.lg_pool_group[lg]] += 1
+        if sum(need) + sum(cow_need) > 0:
+            for p in mine:
+                storage.pin(p)
+            try:
+                for pg in range(num_pg):
+                    total = need[pg] + cow_need[pg]
+                    if total > 0 and storage.capacity(0, pg) < total:
+                        return False
+                moved, lost = storage.promote(mine, 0, True)
+                self._check_lost(lost)
+                if not moved:
                     return False
-            for pg in range(num_pg):
-                if need[pg] > 0:
-                    ok = storage.make_room(0, pg, need[pg])
-                    assert ok
-            for lg in range(ctx.num_groups):
-                donor = self._pages[lg][cow]
-                if donor == NIL:
-                    continue
-                p = storage.new_page(0, ctx.lg_pool_group[lg], lg, self._priority(cow, lg))
-                storage.copy_page(p, donor)
-                storage.pages.holds[p] = 1
-                self._pages[lg][cow] = p
-                storage.release_hold(donor)
-            self._cow_block = -1
-        pages_locks = storage.pages.locks
-        pages_holds = storage.pages.holds
+                for pg in range(num_pg):
+                    if cow_need[pg] > 0 and not storage.make_room(0, pg, cow_need[pg]):
+                        return False
+                if cow >= 0:
+                    for lg in range(ctx.num_groups):
+                        donor = self._pages[lg][cow]
+                        if donor == NIL:
+                            continue
+                        p = storage.new_page(0, ctx.lg_pool_group[lg], lg, self._priority(cow, lg))
+                        storage.copy_page(p, donor)
+                        table.holds[p] = 1
+                        table.pinned[p] = 1
+                        self._pages[lg][cow] = p
+                        mine.append(p)
+                        mine.remove(donor)
+                        table.pinned[donor] -= 1
+                        storage.release_hold(donor)
+                    self._cow_block = -1
+            finally:
+                for p in mine:
+                    storage.unpin(p)
         for lg in range(ctx.num_groups):
             buf = self._index_bufs[lg]
             pages = self._pages[lg]
             for b in range(len(pages)):
                 p = pages[b]
                 if p != NIL:
-                    pages_holds[p] -= 1
-                    pages_locks[p] += 1
+                    storage.hold_to_lock(p)
                     if buf is not None:
-                        buf[b] = storage.pages.slot[p]
+                        buf[b] = table.slot[p]
         self._status = ACTIVE
         return True
+
+    def prefetch(self, level: int) -> bool:
+        """Moves a suspended cache's pages up to `level` as far as room allows; True when all of
+        them are there."""
+        if self._status != SUSPENDED:
+            raise LogicError("prefetch needs a SUSPENDED cache")
+        if self._lost_data:
+            raise LogicError("prefetch: this cache lost data to a failed checksum; only close() is allowed")
+        _check_count(level, "level")
+        storage = self._ctx.storage
+        if level >= storage.num_levels:
+            raise ValueError(f"level {level} does not exist (levels: {storage.num_levels})")
+        self._check_lost([])
+        moved, lost = storage.promote(self._all_pages(), level, False)
+        self._check_lost(lost)
+        return moved
 
     def close(self) -> None:
         """Releases everything (idempotent). Committed blocks stay reusable in the tree."""
@@ -602,16 +684,6 @@ class KVCache:
         self._d_reused = 0
         self._d_missed = 0
         return d
-
-    def prefetch(self, level: int) -> bool:
-        """Moves a suspended cache's pages up to `level`. With level 0 the only level, pages are
-        already there."""
-        if self._status != SUSPENDED:
-            raise LogicError("prefetch needs a SUSPENDED cache")
-        _check_count(level, "level")
-        if level >= self._ctx.storage.num_levels:
-            raise ValueError(f"level {level} does not exist")
-        return True
 
     # ---- internal accessors (invariant checks) ------------------------------------------------
     def _page_lists(self) -> list[list[int]]:

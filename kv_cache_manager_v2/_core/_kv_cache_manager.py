@@ -9,6 +9,7 @@ from .._backends._host import select_backend
 from .._block_radix_tree import BlockRadixTree
 from .._common import BufferId, PageIndexMode, TokenIdExt, div_up
 from .._config import (
+    DiskCacheTierConfig,
     KVCacheManagerConfig,
     check_reuse_scope,
     validate_config,
@@ -19,7 +20,8 @@ from .._life_cycle_registry import LifeCycleRegistry
 from .._page import NIL
 from .._stats import AggregatedPageDesc, IterationStats, StorageStatistics
 from .._storage._layout import BufferLayout, StorageLayout
-from .._storage_manager import StorageManager
+from .._quota import layer_group_weights, level0_floors
+from .._storage_manager import KIND_DISK, KIND_MEMORY, DiskStore, StorageManager
 from .._tokens import as_token_list
 from ._context import CacheContext
 from ._index import PageIndexConverter
@@ -38,7 +40,26 @@ class KVCacheManager:
         backend = select_backend(config.backend)
         self._backend_name = backend.name
         quotas = [t.quota for t in config.cache_tiers]
-        storage = StorageManager(layout, quotas, backend, ratio)
+        kinds = [KIND_DISK if isinstance(t, DiskCacheTierConfig) else KIND_MEMORY for t in config.cache_tiers]
+        weights = layer_group_weights(config, registry, layout, ratio)
+        floors = level0_floors(config, registry, layout)
+        if floors is not None:
+            need = sum(floors[i] * layout.pool_groups[i].slot_size for i in range(len(floors)))
+            if need > quotas[0]:
+                raise ValueError(
+                    f"constraints: the largest batch needs {need} bytes on level 0, more than its quota {quotas[0]}"
+                )
+        disk_path = ""
+        for t in config.cache_tiers:
+            if isinstance(t, DiskCacheTierConfig):
+                disk_path = t.path
+
+        def make_disk(record_sizes: list[int], num_slots: int) -> DiskStore:
+            from .._backends._disk import DiskLevel
+
+            return DiskLevel(disk_path, record_sizes, num_slots)
+
+        storage = StorageManager(layout, quotas, kinds, backend, weights, floors, make_disk)
         tree = BlockRadixTree(
             config.tokens_per_block,
             registry.life_cycles,
@@ -233,6 +254,25 @@ class KVCacheManager:
         """Bytes in force at `level` (whole slots of every pool group)."""
         return self._ctx.storage.quota_in_force(self._check_level(level))
 
+    def resize(self, level: int, quota: int) -> bool:
+        """Changes a level's byte quota; every cache must be suspended. Shrinking moves or drops
+        what no longer fits (HELD pages are never dropped): False, and no change, if they cannot."""
+        self._check_alive()
+        level = self._check_level(level)
+        if isinstance(quota, bool) or not isinstance(quota, int):
+            raise TypeError("quota must be an int")
+        if quota < 0:
+            raise ValueError(f"quota must be >= 0, got {quota}")
+        active = sum(1 for kv in self._ctx.open_caches.values() if kv.is_active)
+        if active:
+            raise LogicError(f"resize(level, quota): {active} KV cache(s) are ACTIVE; suspend them first")
+        storage = self._ctx.storage
+        if level == 0 and storage.floors is not None:
+            need = sum(storage.floors[i] * self._layout.pool_groups[i].slot_size for i in range(storage.num_pool_groups))
+            if quota < need:
+                raise ValueError(f"quota: level 0 must hold the configured constraints ({need} bytes)")
+        return storage.resize_level(level, quota)
+
     def get_storage_statistics(self, level: int = 0) -> list[StorageStatistics]:
         level = self._check_level(level)
         storage = self._ctx.storage
@@ -291,6 +331,14 @@ class KVCacheManager:
             st.reused_partial_blocks = ctx.st_reused_partial[lg]
             st.missed_blocks = ctx.st_missed[lg]
             st.dropped_blocks = ctx.storage.dropped_by_group[lg]
+            st.onboarded_blocks = ctx.storage.onboarded_by_group[lg]
+            st.offloaded_blocks = ctx.storage.offloaded_by_group[lg]
+            ctx.storage.onboarded_by_group[lg] = 0
+            g = ctx.num_groups
+            st.onboarded_from_level = [ctx.storage.onboarded_from_level[lv * g + lg] for lv in range(ctx.storage.num_levels)]
+            for lv in range(ctx.storage.num_levels):
+                ctx.storage.onboarded_from_level[lv * g + lg] = 0
+            ctx.storage.offloaded_by_group[lg] = 0
             ctx.st_allocated[lg] = 0
             ctx.st_new[lg] = 0
             ctx.st_reused_full[lg] = 0
