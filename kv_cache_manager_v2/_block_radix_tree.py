@@ -383,8 +383,10 @@ class BlockRadixTree:
                     continue
                 self.node_pages[base + g] = NIL
                 pages.node[p] = NIL
-                if pages.locks[p] == 0 and pages.holds[p] == 0:
+                if pages.locks[p] == 0 and pages.holds[p] == 0 and pages.pinned[p] == 0:
                     self.storage.drop(p)
+                # Else a cache still uses it (it becomes private to that cache), or an eviction in
+                # progress has it in hand and will drop or free it.
             if n.parent is not None:
                 self._unlink_node(n)
         if parent is not None and parent.parent is not None:

@@ -212,7 +212,17 @@ class StorageManager:
         pages.pinned[p] += 1
 
     def unpin(self, p: i64) -> None:
-        self.pages.pinned[p] -= 1
+        pages = self.pages
+        pages.pinned[p] -= 1
+        if (
+            pages.pinned[p] == 0
+            and pages.locks[p] == 0
+            and pages.holds[p] == 0
+            and pages.node[p] == NIL
+            and pages.level[p] >= 0
+        ):
+            self.free(p)  # the tree let go of it while it was pinned
+            return
         self.relist(p)
 
     # ---- page life -------------------------------------------------------------------------
