@@ -6,7 +6,9 @@ Usage (from anywhere; paths are resolved relative to this file)::
     python setup_mypyc.py build_ext --inplace [-j N]   (add -v to echo compiler commands)
 
 Compiles every ``.py`` module of ``kv_cache_manager_v2/`` (recursively, including
-the subpackages' ``__init__.py``) except ``kv_cache_manager_v2/_exceptions.py``
+the subpackages' ``__init__.py``) except ``kv_cache_manager_v2/_exceptions.py`` and
+``kv_cache_manager_v2/_config.py`` (the public config dataclasses: kept interpreted so that
+validation sees exactly what the caller passed and names the field, see docs/DESIGN.md)
 into one mypyc compilation group (a shared ``*__mypyc`` library plus one small
 shim extension per module), with ``-O3``.  The C sources are compiled in
 parallel (``-j``, default: number of CPUs), and progress is printed because the
@@ -32,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent
 PACKAGE = "kv_cache_manager_v2"
 # Not compiled: exception classes stay interpreted (subclassable, picklable).
-EXCLUDE = {f"{PACKAGE}/_exceptions.py"}
+EXCLUDE = {f"{PACKAGE}/_exceptions.py", f"{PACKAGE}/_config.py"}
 
 _T0 = time.monotonic()
 

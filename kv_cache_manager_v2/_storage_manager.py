@@ -27,9 +27,11 @@ def split_quota(layout: StorageLayout, quota: int, lg_weights: list[float] | Non
     """
     pgs = layout.pool_groups
     if lg_weights is None:
+        # Each pool group's share is proportional to the bytes one block of its layer groups takes.
         per_block = sum(pg.slot_size * len(pg.layer_groups) for pg in pgs)
-        n = quota // per_block if per_block > 0 else 0
-        return [n * len(pg.layer_groups) for pg in pgs]
+        if per_block == 0:
+            return [0 for _ in pgs]
+        return [quota * len(pg.layer_groups) // per_block for pg in pgs]
     out: list[int] = []
     for pg in pgs:
         share = sum(lg_weights[g] for g in pg.layer_groups) * quota
