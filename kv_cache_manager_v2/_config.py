@@ -1,4 +1,9 @@
-"""Public configuration dataclasses and their validation (run once, at manager construction)."""
+"""Public configuration dataclasses and their validation (run once, at manager construction).
+
+Not compiled by mypyc (setup_mypyc.py excludes it): compiled dataclasses check field types in
+their generated __init__ (with messages that do not name the field) and turn True into 1 in an
+int field, so validation here could not report what the caller actually passed.
+"""
 
 from __future__ import annotations
 

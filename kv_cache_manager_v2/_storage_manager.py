@@ -61,10 +61,12 @@ def split_quota(layout: StorageLayout, quota: int, lg_weights: list[float] | Non
         rest = 0
     out: list[int] = []
     if lg_weights is None:
+        # Each pool group's share is proportional to the bytes one block of its layer groups takes.
         per_block = sum(pg.slot_size * len(pg.layer_groups) for pg in pgs)
-        n = rest // per_block if per_block > 0 else 0
+        if per_block == 0:
+            return [0 for _ in pgs]
         for i, pg in enumerate(pgs):
-            out.append(base[i] + n * len(pg.layer_groups))
+            out.append(base[i] + rest * len(pg.layer_groups) // per_block)
         return out
     for i, pg in enumerate(pgs):
         share = sum(lg_weights[g] for g in pg.layer_groups) * rest

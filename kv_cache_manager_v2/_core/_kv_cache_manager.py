@@ -106,11 +106,16 @@ class KVCacheManager:
             raise TypeError("custom_priority_callback must be callable or None")
         ctx = self._ctx
         tree = ctx.tree
-        root = tree.root_for(scope, True)
-        kv = KVCache(ctx, id, scope, custom_priority_callback)
+        match = None
+        seq: list[TokenIdExt] = []
+        all_int = True
         if input_tokens is not None:
+            # Matching validates every token: a bad one raises before anything changes.
             seq = as_token_list(input_tokens, "input_tokens")
             match, all_int = tree.match(scope, seq)
+        root = tree.root_for(scope, True)
+        kv = KVCache(ctx, id, scope, custom_priority_callback)
+        if match is not None:
             match.root = root
             kv._adopt(match, seq, all_int)
             missed = div_up(len(seq), ctx.tokens_per_block) - div_up(match.length, ctx.tokens_per_block)
