@@ -170,31 +170,28 @@ def test_quota_not_int() -> None:
     _raises_type("quota", lambda: _cfg(quota=1.5))
 
 
-def test_host_tier_not_supported_yet() -> None:
-    cfg = _cfg()
-    cfg.cache_tiers = [GpuCacheTierConfig(quota=1 << 20), HostCacheTierConfig(quota=1 << 20)]
-    with pytest.raises(ValueError, match="not supported yet"):
-        KVCacheManager(cfg)
-
-
-def test_disk_tier_not_supported_yet(tmp_path: Any) -> None:
-    cfg = _cfg()
-    cfg.cache_tiers = [GpuCacheTierConfig(quota=1 << 20), DiskCacheTierConfig(quota=1 << 20, path=str(tmp_path))]
-    with pytest.raises(ValueError, match="not supported yet"):
-        KVCacheManager(cfg)
-    # nothing is created under the path for a refused config
+def test_tiers_must_go_warm_to_cold(tmp_path: Any) -> None:
+    bad_orders = [
+        [GpuCacheTierConfig(quota=1 << 20), DiskCacheTierConfig(quota=1 << 20, path=str(tmp_path)), HostCacheTierConfig(quota=1 << 20)],
+        [GpuCacheTierConfig(quota=1 << 20), HostCacheTierConfig(quota=1 << 20), HostCacheTierConfig(quota=1 << 20)],
+        [GpuCacheTierConfig(quota=1 << 20), GpuCacheTierConfig(quota=1 << 20)],
+        [HostCacheTierConfig(quota=1 << 20)],
+    ]
+    for tiers in bad_orders:
+        cfg = _cfg()
+        cfg.cache_tiers = tiers  # type: ignore[assignment]
+        with pytest.raises(ValueError, match="cache_tiers"):
+            KVCacheManager(cfg)
+    # nothing is created under the disk path for a refused config
     assert list(tmp_path.iterdir()) == []
 
 
-def test_host_and_disk_tiers_not_supported_yet(tmp_path: Any) -> None:
+def test_host_tier_accepted() -> None:
     cfg = _cfg()
-    cfg.cache_tiers = [
-        GpuCacheTierConfig(quota=1 << 20),
-        HostCacheTierConfig(quota=1 << 20),
-        DiskCacheTierConfig(quota=1 << 20, path=str(tmp_path)),
-    ]
-    with pytest.raises(ValueError, match="not supported yet"):
-        KVCacheManager(cfg)
+    cfg.cache_tiers = [GpuCacheTierConfig(quota=1 << 20), HostCacheTierConfig(quota=1 << 20)]
+    m = KVCacheManager(cfg)
+    assert m.get_quota(1) > 0
+    m.shutdown()
 
 
 def test_negative_host_quota_names_quota() -> None:
