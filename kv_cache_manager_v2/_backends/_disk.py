@@ -5,7 +5,7 @@ One named file per pool lives directly under the level's directory while the lev
 file or symlink of that name is never opened) and is removed by `close()`. Slot `s` of pool `i`
 is the byte range `[s * record_sizes[i], (s + 1) * record_sizes[i])` of file `i`.
 
-Every record written successfully gets a checksum, keyed with a per-process random salt and kept
+Every record written successfully gets a checksum (CRC-32 seeded with a per-process random salt), kept
 in memory only. A read reports success for a slot only when every record of it was read in full
 and hashes to the checksum of its last successful write, so bytes from a failed or partial
 write, a corrupted file, or a file a previous process left behind are never reported as good.
@@ -13,7 +13,7 @@ write, a corrupted file, or a file a previous process left behind are never repo
 I/O is batched: runs of consecutive slot ids whose host addresses are contiguous too become one
 `pwrite`/`preadv` per pool file (capped at `max_run_bytes` so a large batch spreads over the
 threads), and the runs are spread over a thread pool created once. `os.pwrite`, `os.preadv` and
-`hashlib` release the GIL, so I/O and hashing of different runs overlap. Host memory is
+`zlib.crc32` release the GIL, so I/O and hashing of different runs overlap. Host memory is
 addressed through ctypes arrays over the caller's addresses: no copy through Python bytes.
 
 Nothing is fsync'ed: the files are a cache for this process's lifetime, not durable storage.
@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import os
 import secrets
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Final
 
@@ -39,7 +39,15 @@ _FAULT_ERRNO: Final = 1  # the call raises OSError(errno)
 _FAULT_SHORT: Final = 2  # the call transfers half the bytes, and the retry nothing
 _FAULT_SHORT_ONCE: Final = 3  # the call transfers half the bytes, the retry completes it
 
-DIGEST_SIZE: Final = 8
+DIGEST_SIZE: Final = 4
+
+
+def _record_sum(salt: bytes, data: memoryview) -> bytes:
+    """CRC-32 of the record, seeded with the per-process salt (zlib: ~4 GB/s per core, and it
+    releases the GIL, so the I/O threads checksum in parallel). It catches torn, short and
+    corrupted records and bytes left by another process; it is not meant to resist an attacker
+    (the files are private, mode 0600)."""
+    return zlib.crc32(data, zlib.crc32(salt)).to_bytes(4, "little")
 DEFAULT_MAX_RUN_BYTES: Final = 4 << 20
 _NO_SUM: Final = b""
 _OPEN_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -512,10 +520,7 @@ class DiskLevel:
         view = _host_view(run.addr, n)
         salt = self._salt
         # Hash the source first: if it changes during the write, the read check fails (safe).
-        run.digests = [
-            hashlib.blake2b(view[j * rs:(j + 1) * rs], digest_size=DIGEST_SIZE, key=salt).digest()
-            for j in range(len(run.ks))
-        ]
+        run.digests = [_record_sum(salt, view[j * rs:(j + 1) * rs]) for j in range(len(run.ks))]
         fault = run.fault
         try:
             if fault == _FAULT_ERRNO:
@@ -554,7 +559,7 @@ class DiskLevel:
             if (j + 1) * rs > done:
                 ok.append(False)
                 continue
-            d = hashlib.blake2b(view[j * rs:(j + 1) * rs], digest_size=DIGEST_SIZE, key=salt).digest()
+            d = _record_sum(salt, view[j * rs:(j + 1) * rs])
             good = d == run.expected[j]
             if not good:
                 mismatches += 1
