@@ -323,6 +323,13 @@ class DiskLevel:
                 sums.extend([_NO_SUM] * (num_slots - old))
         self._num_slots = num_slots
 
+    def set_faults(self, faults: DiskFaults | None) -> None:
+        """Attaches (or, with None, detaches) deterministic fault injection after construction
+        (tests reach a manager's disk levels through its storage manager)."""
+        self._faults = faults
+        if faults is not None:
+            faults.attach(self._paths, self._record_sizes)
+
     def close(self) -> None:
         """Stops the I/O threads, closes and removes the files. Idempotent."""
         if self._closed:
