@@ -160,13 +160,25 @@ class StorageManager:
         return self.num_free(level, pool_group) + self.pages.evictable_count(level, pool_group)
 
     def capacity(self, level: i64, pool_group: i64) -> i64:
-        """Slots that eviction could make free at `level` (HELD pages only if they fit colder)."""
+        """Slots that eviction could make free at `level`: free, DROPPABLE, and HELD pages as far
+        as the colder levels together can take them (they pass through in rounds)."""
         free = self.num_free(level, pool_group)
         listed = self.pages.evictable_count(level, pool_group)
         held = self.pages.held_evictable_count(level, pool_group)
-        if level == self.last_level:
+        if level == self.last_level or held == 0:
             return free + listed - held
-        return free + listed - held + min(held, self.capacity(level + 1, pool_group))
+        return free + listed - held + min(held, self._room_below(level, pool_group))
+
+    def _room_below(self, level: i64, pool_group: i64) -> i64:
+        """Slots the levels colder than `level` can give to HELD pages (free or DROPPABLE)."""
+        room: i64 = 0
+        for m in range(level + 1, self.num_levels):
+            room += (
+                self.num_free(m, pool_group)
+                + self.pages.evictable_count(m, pool_group)
+                - self.pages.held_evictable_count(m, pool_group)
+            )
+        return room
 
     def utilization(self, level: i64, pool_group: i64) -> float:
         total = self.num_slots(level, pool_group)
@@ -230,32 +242,42 @@ class StorageManager:
     # ---- page life -------------------------------------------------------------------------
     def make_room(self, level: i64, pool_group: i64, n: i64) -> bool:
         """Evicts until `n` slots are free at `level`; False if that cannot be reached (checked
-        before anything moves, except that a failed disk write of a HELD page also fails it)."""
+        before anything moves, except that a failed disk write of a HELD page also fails it).
+
+        Works in rounds: each round moves as many victims one level colder as that level can
+        take at once (a small host tier passes pages on to disk), and drops DROPPABLE victims
+        that cannot go colder."""
         alloc = self.allocators[level * self.num_pool_groups + pool_group]
-        short = n - len(alloc.free)
-        if short <= 0:
+        if len(alloc.free) >= n:
             return True
         if self.capacity(level, pool_group) < n:
             return False
         pages = self.pages
-        room_below: i64 = self.capacity(level + 1, pool_group) if level < self.last_level else 0
-        movers: list[i64] = []
-        droppers: list[i64] = []
-        while len(movers) + len(droppers) < short:
-            v = pages.first_victim(level, pool_group, room_below > len(movers))
-            assert v != NIL
-            self.pin(v)
-            if room_below > len(movers):
-                movers.append(v)
-            else:
-                droppers.append(v)
-        ok = True
-        if movers:
-            ok = self._move_down(movers, level, pool_group)
-        for v in droppers:
-            pages.pinned[v] -= 1
-            self.drop(v)
-        return ok and len(alloc.free) >= n
+        while len(alloc.free) < n:
+            short = n - len(alloc.free)
+            below_now: i64 = self.capacity(level + 1, pool_group) if level < self.last_level else 0
+            movers: list[i64] = []
+            droppers: list[i64] = []
+            while len(movers) + len(droppers) < short:
+                allow = below_now > len(movers)
+                v = pages.first_victim(level, pool_group, allow)
+                if v == NIL:
+                    break
+                self.pin(v)
+                if allow:
+                    movers.append(v)
+                else:
+                    droppers.append(v)
+            if not movers and not droppers:
+                return False
+            if movers and not self._move_down(movers, level, pool_group):
+                for v in droppers:
+                    self.unpin(v)
+                return False
+            for v in droppers:
+                pages.pinned[v] -= 1
+                self.drop(v)
+        return True
 
     def _move_down(self, movers: list[i64], level: i64, pool_group: i64) -> bool:
         """Moves pinned pages from `level` to `level + 1` in one batch; unpins them."""
@@ -321,12 +343,37 @@ class StorageManager:
                     lens.append(sizes[i])
             self.backend.copy_batch(dsts, srcs, lens)
             return [True] * n
-        if dst_kind == KIND_DISK:
+        if dst_kind == KIND_DISK and src_kind == KIND_MEMORY:
             addrs = [self._slot_addresses(src_level, pool_group, s) for s in src_slots]
             return self.levels[dst_level].disk[pool_group].write(dst_slots, addrs)
-        assert src_kind == KIND_DISK and dst_kind == KIND_MEMORY
-        addrs = [self._slot_addresses(dst_level, pool_group, s) for s in dst_slots]
-        return self.levels[src_level].disk[pool_group].read(src_slots, addrs)
+        if src_kind == KIND_DISK and dst_kind == KIND_MEMORY:
+            addrs = [self._slot_addresses(dst_level, pool_group, s) for s in dst_slots]
+            return self.levels[src_level].disk[pool_group].read(src_slots, addrs)
+        # Disk to disk (compacting a shrinking disk level): bounce through host memory.
+        sizes = self.layout.pool_groups[pool_group].record_sizes
+        slot_bytes = sum(sizes)
+        bounce = self.backend.allocate(n * slot_bytes)
+        try:
+            addrs = []
+            for k in range(n):
+                base = bounce.address + k * slot_bytes
+                row: list[int] = []
+                off = 0
+                for rs in sizes:
+                    row.append(base + off)
+                    off += rs
+                addrs.append(row)
+            disk = self.levels[src_level].disk[pool_group]
+            got = disk.read(src_slots, addrs)
+            # Never write what failed its checksum: it would come back as valid.
+            good = [k for k in range(n) if got[k]]
+            put = self.levels[dst_level].disk[pool_group].write([dst_slots[k] for k in good], [addrs[k] for k in good])
+            out = [False] * n
+            for j in range(len(good)):
+                out[good[j]] = put[j]
+            return out
+        finally:
+            bounce.release()
 
     def promote(self, plist: list[i64], target: i64, all_or_nothing: bool) -> tuple[bool, list[i64]]:
         """Brings pages up to level `target` in one batch per source level.
@@ -348,11 +395,19 @@ class StorageManager:
         try:
             if all_or_nothing:
                 for pg in range(npg):
-                    if need[pg] > 0 and self.capacity(target, pg) < need[pg]:
+                    if need[pg] > 0 and self.capacity(target, pg) + self.swappable(target, pg, plist) < need[pg]:
                         return False, []
                 for pg in range(npg):
+                    short = need[pg] - self.num_free(target, pg)
+                    if short > 0:
+                        # Trade places with HELD pages first: our pages one level down may block
+                        # the only way colder (a full host tier), and a swap frees that path.
+                        k = min(short, self.swappable(target, pg, plist))
+                        if k > 0:
+                            need[pg] -= self._swap_up(target, pg, plist, k)
                     if need[pg] > 0 and not self.make_room(target, pg, need[pg]):
                         return False, []
+                todo = [p for p in plist if pages.level[p] > target]
             else:
                 # Best effort: as many as room allows, pages from the warmest levels first.
                 todo.sort(key=lambda q: pages.level[q])
@@ -392,6 +447,86 @@ class StorageManager:
         finally:
             for p in plist:
                 self.unpin(p)
+
+    def swappable(self, level: i64, pool_group: i64, plist: list[i64]) -> i64:
+        """How many pages of `plist` one level below `level` could trade places with HELD pages of
+        `level` (both levels in memory), when neither has room."""
+        below = level + 1
+        if below >= self.num_levels or self.levels[level].kind != KIND_MEMORY or self.levels[below].kind != KIND_MEMORY:
+            return 0
+        pages = self.pages
+        ours = sum(1 for p in plist if pages.level[p] == below and pages.pool_group[p] == pool_group)
+        return min(ours, pages.held_evictable_count(level, pool_group))
+
+    def _swap_up(self, level: i64, pool_group: i64, plist: list[i64], k: i64) -> i64:
+        """Trades the slots of up to k pages of `plist` on level+1 with HELD victims on `level`,
+        through one bounce buffer (the victims keep their identity and move colder). Returns how
+        many pages came up."""
+        pages = self.pages
+        below = level + 1
+        ours = [p for p in plist if pages.level[p] == below and pages.pool_group[p] == pool_group][:k]
+        victims: list[i64] = []
+        while len(victims) < len(ours):
+            v = self.pages.first_victim(level, pool_group, True)
+            while v != NIL and pages.holds[v] == 0:
+                v = pages.next[v]
+            if v == NIL:
+                # Only DROPPABLE victims left: they can simply be dropped instead.
+                break
+            self.pin(v)
+            victims.append(v)
+        ours = ours[: len(victims)]
+        n = len(ours)
+        if n == 0:
+            return 0
+        sizes = self.layout.pool_groups[pool_group].record_sizes
+        slot_bytes = sum(sizes)
+        bounce = self.backend.allocate(n * slot_bytes)
+        try:
+            dsts: list[int] = []
+            srcs: list[int] = []
+            lens: list[int] = []
+            for j in range(n):
+                off = bounce.address + j * slot_bytes
+                for i in range(len(sizes)):
+                    dsts.append(off)
+                    srcs.append(self.slot_address(level, pool_group, i, pages.slot[victims[j]]))
+                    lens.append(sizes[i])
+                    off += sizes[i]
+            self.backend.copy_batch(dsts, srcs, lens)  # victims -> bounce
+            self._copy_slots(pool_group, below, [pages.slot[p] for p in ours], level, [pages.slot[v] for v in victims])
+            dsts = []
+            srcs = []
+            lens = []
+            for j in range(n):
+                off = bounce.address + j * slot_bytes
+                for i in range(len(sizes)):
+                    srcs.append(off)
+                    dsts.append(self.slot_address(below, pool_group, i, pages.slot[ours[j]]))
+                    lens.append(sizes[i])
+                    off += sizes[i]
+            self.backend.copy_batch(dsts, srcs, lens)  # bounce -> our old slots
+        finally:
+            bounce.release()
+        up = self.allocators[level * self.num_pool_groups + pool_group]
+        down = self.allocators[below * self.num_pool_groups + pool_group]
+        for j in range(n):
+            x = ours[j]
+            v = victims[j]
+            sx = pages.slot[x]
+            sv = pages.slot[v]
+            up.slot_page[sv] = x
+            down.slot_page[sx] = v
+            pages.level[x] = level
+            pages.slot[x] = sv
+            pages.level[v] = below
+            pages.slot[v] = sx
+            if level == 0:
+                self.onboarded_by_group[pages.layer_group[x]] += 1
+                self.onboarded_from_level[below * len(self.layout.layer_groups) + pages.layer_group[x]] += 1
+            self.offloaded_by_group[pages.layer_group[v]] += 1
+            self.unpin(v)
+        return n
 
     def mark_lost(self, p: i64) -> None:
         """The bytes of p are gone: free its slot, let the tree forget it; the id stays while held."""
@@ -569,9 +704,12 @@ class StorageManager:
         dst = low_free[: len(movers)]
         alloc.claim(dst, movers)
         res = self._copy_slots(pg, level, [pages.slot[p] for p in movers], level, dst)
-        assert all(res)
         for i in range(len(movers)):
-            self._place(movers[i], level, dst[i])
+            if res[i]:
+                self._place(movers[i], level, dst[i])
+            else:
+                alloc.give_back(dst[i])
+                self.mark_lost(movers[i])
 
     def _release_tail(self, level: i64, pg: i64, new_n: i64) -> None:
         """Gives the memory of slots past new_n back to the OS (addresses stay reserved)."""
