@@ -76,9 +76,10 @@ def write_int_tokens(w: BytesWriter, tokens: list[TokenIdExt], beg: i64, end: i6
         if type(t) is not int:
             return False
         assert isinstance(t, int)
-        v: i64 = t
-        if v < 0 or v >= TOKEN_ID_LIMIT:
+        # Range-check the Python int first: a huge one must be a ValueError, not an overflow.
+        if t < 0 or t >= TOKEN_ID_LIMIT:
             raise ValueError(f"{name}: token id {t} is outside [0, 2**32)")
+        v: i64 = t
         if v > _I32_MAX:
             v -= _I32_WRAP
         write_i32_le(w, i32(v))

@@ -301,6 +301,10 @@ class KVCache:
                 raise ValueError(
                     f"the index buffer of layer group {lg} holds {len(buf)} entries; capacity needs {new_nb}"
                 )
+        # Ask for every priority before anything is allocated: a bad answer changes nothing.
+        prios: list[list[int]] = []
+        if self._priority_callback is not None:
+            prios = [[self._priority(b, lg) for b in range(old_nb, new_nb)] for lg in range(ctx.num_groups)]
         for pg in range(num_pg):
             if need[pg] > 0 and not storage.make_room(0, pg, need[pg]):
                 return False  # a failed disk write left a HELD page in place: out of pages
@@ -333,7 +337,8 @@ class KVCache:
                         if buf is not None:
                             buf[b] = BAD_PAGE_INDEX
                         continue
-                    pages = storage.new_locked_pages(pgid, lg, self._priority(b, lg), 1, pages)
+                    prio = prios[lg][b - old_nb] if prios else DEFAULT_PRIORITY
+                    pages = storage.new_locked_pages(pgid, lg, prio, 1, pages)
                     if buf is not None:
                         buf[b] = storage.pages.slot[pages[b]]
                     got += 1
@@ -524,6 +529,8 @@ class KVCache:
                 return False
         self._check_lost([])
         cow = self._cow_block
+        # Ask for priorities before anything moves: a bad callback answer changes nothing.
+        cow_prios = [self._priority(cow, lg) for lg in range(ctx.num_groups)] if cow >= 0 else []
         table = storage.pages
         mine = self._all_pages()
         need: list[int] = [0] * num_pg
@@ -555,7 +562,7 @@ class KVCache:
                         donor = self._pages[lg][cow]
                         if donor == NIL:
                             continue
-                        p = storage.new_page(0, ctx.lg_pool_group[lg], lg, self._priority(cow, lg))
+                        p = storage.new_page(0, ctx.lg_pool_group[lg], lg, cow_prios[lg])
                         storage.copy_page(p, donor)
                         table.holds[p] = 1
                         table.pinned[p] = 1
