@@ -22,9 +22,9 @@ class PageIndexConverter:
 
     def __init__(self, scale: int, expansion: int, layer_offset: int, scratch_pages_per_block: int) -> None:
         for name, v in (("scale", scale), ("expansion", expansion), ("scratch_pages_per_block", scratch_pages_per_block)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if isinstance(layer_offset, bool) or not isinstance(layer_offset, int) or not 0 <= layer_offset < scale:
+        if not isinstance(layer_offset, int) or not 0 <= layer_offset < scale:
             raise ValueError(f"layer_offset must be in [0, scale), got {layer_offset!r}")
         self.scale = scale
         self.expansion = expansion

@@ -44,7 +44,8 @@ PriorityCallback = Callable[[int, int], int]
 
 
 def _check_count(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    # A bool is an int here (compiled code passes it as 0/1 anyway, so both modes agree).
+    if not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
@@ -162,13 +163,13 @@ class KVCache:
             raise LogicError(f"{what} needs an ACTIVE cache; this cache is {_STATUS[self._status].name}")
 
     def _check_group(self, layer_group_id: int) -> None:
-        if isinstance(layer_group_id, bool) or not isinstance(layer_group_id, int):
+        if not isinstance(layer_group_id, int):
             raise TypeError("layer_group_id must be an int")
         if not 0 <= layer_group_id < self._ctx.num_groups:
             raise ValueError(f"layer_group_id {layer_group_id} is out of range [0, {self._ctx.num_groups})")
 
     def _check_beam(self, beam: int) -> None:
-        if isinstance(beam, bool) or not isinstance(beam, int):
+        if not isinstance(beam, int):
             raise TypeError("beam must be an int")
         if beam != 0:
             raise ValueError("beam: beam width > 1 is not supported yet (beam must be 0)")
@@ -225,6 +226,10 @@ class KVCache:
                 got += 1
             self._pages[lg] = pages
             self._stale_end[lg] = e
+            if lg == ctx.stats_group:
+                # Stale blocks count in none of the per-cache stats.
+                self._d_reused += got
+                self._d_alloc_total += got
             partial: i64 = 1 if match.partial and nb > 0 and not (s <= nb - 1 < e) else 0
             ctx.st_reused_full[lg] += got - partial
             ctx.st_reused_partial[lg] += partial
@@ -237,8 +242,7 @@ class KVCache:
         self._capacity = n
         self._history = n
         self._last_node = nodes[full - 1] if full > 0 else match.root
-        self._d_reused += nb
-        self._d_alloc_total += nb
+
 
     # ---- resize ----------------------------------------------------------------------------------
     def resize(self, capacity: int | None = None, history_length: int | None = None) -> bool:

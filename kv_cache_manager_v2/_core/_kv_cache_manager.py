@@ -156,14 +156,14 @@ class KVCacheManager:
 
     # ---- layout ------------------------------------------------------------------------------------
     def _buffer(self, layer_id: int, role: str) -> BufferLayout:
-        if isinstance(layer_id, bool) or not isinstance(layer_id, int):
+        if not isinstance(layer_id, int):
             raise TypeError("layer_id must be an int")
         if not isinstance(role, str):
             raise TypeError("role must be a str")
         return self._layout.buffer(layer_id, role)
 
     def get_layer_group_id(self, layer_id: int) -> int:
-        if isinstance(layer_id, bool) or not isinstance(layer_id, int):
+        if not isinstance(layer_id, int):
             raise TypeError("layer_id must be an int")
         g = self._registry.layer_to_group.get(layer_id)
         if g is None:
@@ -249,7 +249,7 @@ class KVCacheManager:
 
     # ---- quotas and statistics --------------------------------------------------------------------
     def _check_level(self, level: int) -> int:
-        if isinstance(level, bool) or not isinstance(level, int):
+        if not isinstance(level, int):
             raise TypeError("level must be an int")
         if not 0 <= level < self._ctx.storage.num_levels:
             raise ValueError(f"level {level} does not exist (levels: {self._ctx.storage.num_levels})")
@@ -298,7 +298,7 @@ class KVCacheManager:
         """Longest sequence (a multiple of tokens_per_block, at most the bound) of which
         `batch_size` could be held on level 0 at once."""
         for name, v in (("batch_size", batch_size), ("token_num_upper_bound", token_num_upper_bound)):
-            if isinstance(v, bool) or not isinstance(v, int):
+            if not isinstance(v, int):
                 raise TypeError(f"{name} must be an int")
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
