@@ -87,7 +87,11 @@ def storage(mgr: KVCacheManager) -> list[tuple[int, int, int, int, int]]:
 
 
 def iter_stats(mgr: KVCacheManager) -> dict[int, dict[str, int]]:
-    return {g: st.as_dict() for g, st in mgr.get_and_reset_iteration_stats().items()}
+    # The integer counters (onboarded_from_level is a per-level list; tier tests cover it).
+    return {
+        g: {k: v for k, v in st.as_dict().items() if isinstance(v, int)}
+        for g, st in mgr.get_and_reset_iteration_stats().items()
+    }
 
 
 # ---------------------------------------------------------------------------- create / probe
@@ -126,7 +130,7 @@ def test_probe_reuse_changes_nothing(make_manager: MakeManager) -> None:
         assert mgr.probe_reuse(input_tokens=a[:20] + [5]) == 20
         assert mgr.probe_reuse(reuse_scope=ReuseScope(salt=1), input_tokens=a) == 0
     assert storage(mgr) == st
-    assert all(v == 0 for d in iter_stats(mgr).values() for v in d.values())
+    assert all((not any(v)) if isinstance(v, list) else v == 0 for d in iter_stats(mgr).values() for v in d.values())
     assert mgr.num_open_caches == 0
     # Probing does not refresh LRU: `a` (released first) is still evicted first.
     s = new_seq(mgr, eng)
@@ -265,7 +269,7 @@ def test_storage_statistics_by_page_state(make_manager: MakeManager) -> None:
 def test_iteration_stats_counts_and_reset(make_manager: MakeManager) -> None:
     mgr, eng = setup(make_manager)
     zero = iter_stats(mgr)
-    assert list(zero) == [0] and all(v == 0 for v in zero[0].values())
+    assert list(zero) == [0] and all((not any(v)) if isinstance(v, list) else v == 0 for v in zero[0].values())
     prompt = toks(40, 1000)
     run(mgr, eng, prompt)
     st = iter_stats(mgr)[0]
@@ -547,7 +551,6 @@ def test_reused_pages_of_new_cache_are_not_evicted_by_its_own_growth(make_manage
 
 
 # ---------------------------------------------------------------------------- quota resize
-@pytest.mark.xfail(strict=True, reason="library bug: KVCacheManager.resize(level, quota) (SPEC §3 Quotas) is missing")
 def test_manager_resize_quota(make_manager: MakeManager) -> None:
     mgr, eng = setup(make_manager, quota=16 * SLOT)
     a = new_seq(mgr, eng)
