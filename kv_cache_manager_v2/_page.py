@@ -142,6 +142,17 @@ class PageTable:
                 h = self.next[h]
         return NIL
 
+    def first_held_victim(self, level: i64, pool_group: i64) -> i64:
+        """Like first_victim, but only HELD pages."""
+        base = (level * self.num_pool_groups + pool_group) * NUM_PRIORITIES
+        for prio in range(NUM_PRIORITIES):
+            h = self.heads[base + prio]
+            while h != NIL:
+                if self.holds[h] > 0:
+                    return h
+                h = self.next[h]
+        return NIL
+
     def held_evictable_count(self, level: i64, pool_group: i64) -> i64:
         return self.held_listed_count[level * self.num_pool_groups + pool_group]
 

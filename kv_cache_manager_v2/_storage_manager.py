@@ -395,7 +395,7 @@ class StorageManager:
         try:
             if all_or_nothing:
                 for pg in range(npg):
-                    if need[pg] > 0 and self.capacity(target, pg) + self.swappable(target, pg, plist) < need[pg]:
+                    if need[pg] > 0 and self.capacity_for(target, pg, plist) < need[pg]:
                         return False, []
                 for pg in range(npg):
                     short = need[pg] - self.num_free(target, pg)
@@ -448,15 +448,30 @@ class StorageManager:
             for p in plist:
                 self.unpin(p)
 
-    def swappable(self, level: i64, pool_group: i64, plist: list[i64]) -> i64:
-        """How many pages of `plist` one level below `level` could trade places with HELD pages of
-        `level` (both levels in memory), when neither has room."""
+    def _ours_below(self, level: i64, pool_group: i64, plist: list[i64]) -> i64:
+        """Pages of `plist` one level below `level` that could trade places with HELD pages of
+        `level` (both levels in memory)."""
         below = level + 1
         if below >= self.num_levels or self.levels[level].kind != KIND_MEMORY or self.levels[below].kind != KIND_MEMORY:
             return 0
         pages = self.pages
-        ours = sum(1 for p in plist if pages.level[p] == below and pages.pool_group[p] == pool_group)
-        return min(ours, pages.held_evictable_count(level, pool_group))
+        return sum(1 for p in plist if pages.level[p] == below and pages.pool_group[p] == pool_group)
+
+    def swappable(self, level: i64, pool_group: i64, plist: list[i64]) -> i64:
+        return min(self._ours_below(level, pool_group, plist), self.pages.held_evictable_count(level, pool_group))
+
+    def capacity_for(self, level: i64, pool_group: i64, plist: list[i64]) -> i64:
+        """capacity(), when the pinned pages of `plist` are coming up to `level`: a HELD page
+        there can also leave by trading places with one of them."""
+        free = self.num_free(level, pool_group)
+        listed = self.pages.evictable_count(level, pool_group)
+        held = self.pages.held_evictable_count(level, pool_group)
+        if held == 0:
+            return free + listed
+        room = self._ours_below(level, pool_group, plist)
+        if level < self.last_level:
+            room += self._room_below(level, pool_group)
+        return free + listed - held + min(held, room)
 
     def _swap_up(self, level: i64, pool_group: i64, plist: list[i64], k: i64) -> i64:
         """Trades the slots of up to k pages of `plist` on level+1 with HELD victims on `level`,
@@ -467,11 +482,8 @@ class StorageManager:
         ours = [p for p in plist if pages.level[p] == below and pages.pool_group[p] == pool_group][:k]
         victims: list[i64] = []
         while len(victims) < len(ours):
-            v = self.pages.first_victim(level, pool_group, True)
-            while v != NIL and pages.holds[v] == 0:
-                v = pages.next[v]
+            v = pages.first_held_victim(level, pool_group)
             if v == NIL:
-                # Only DROPPABLE victims left: they can simply be dropped instead.
                 break
             self.pin(v)
             victims.append(v)

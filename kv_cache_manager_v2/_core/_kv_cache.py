@@ -552,7 +552,7 @@ class KVCache:
             try:
                 for pg in range(num_pg):
                     total = need[pg] + cow_need[pg]
-                    if total > 0 and storage.capacity(0, pg) + storage.swappable(0, pg, mine) < total:
+                    if total > 0 and storage.capacity_for(0, pg, mine) < total:
                         return False
                 moved, lost = storage.promote(mine, 0, True)
                 self._check_lost(lost)
