@@ -127,8 +127,10 @@ class StorageManager:
                 )
                 reserve = [max(r, s) for r, s in zip(reserve, slots)]
                 store = LevelStore(kind, reserve)
-                for pg, n in zip(layout.pool_groups, reserve):
+                for pg, n, used in zip(layout.pool_groups, reserve, slots):
                     allocs = [backend.allocate(n * rs) for rs in pg.record_sizes]
+                    for a, rs in zip(allocs, pg.record_sizes):
+                        a.populate(0, used * rs)
                     store.host.append(allocs)
                     store.addresses.append([a.address for a in allocs])
                     self.pool_addresses.append([a.address for a in allocs])
@@ -697,11 +699,16 @@ class StorageManager:
             new_n = slots[pg]
             if new_n < alloc.num_slots:
                 self._compact(level, pg, new_n)
+            old_n = alloc.num_slots
             alloc.resize(new_n)
             if store.kind == KIND_DISK:
                 store.disk[pg].resize(new_n)
-            elif new_n < store.reserved_slots[pg]:
+            elif new_n < old_n:
                 self._release_tail(level, pg, new_n)
+            else:
+                for i, a in enumerate(store.host[pg]):
+                    rs = self.layout.pool_groups[pg].record_sizes[i]
+                    a.populate(old_n * rs, new_n * rs)
         return True
 
     def _compact(self, level: i64, pg: i64, new_n: i64) -> None:

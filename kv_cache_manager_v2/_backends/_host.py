@@ -31,6 +31,14 @@ class HostAllocation:
             self._view = (ctypes.c_char * size).from_buffer(self._map)
             self.address = ctypes.addressof(self._view)
 
+    def populate(self, start: int, end: int) -> None:
+        """Commits the memory of [start, end) now (first-touch page faults would otherwise slow
+        the first copies into it several times over)."""
+        end = min(end, self.size)
+        if self._map is None or start >= end:
+            return
+        ctypes.memset(self.address + start, 0, end - start)
+
     def discard_from(self, offset: int) -> None:
         """Returns the memory past `offset` to the OS; the addresses stay reserved (zero-filled)."""
         m = self._map
