@@ -616,7 +616,10 @@ class KVCache:
         active = self._status == ACTIVE
         for lg in range(self._ctx.num_groups):
             pages = self._pages[lg]
-            for p in pages:
+            # Tail first: the least recently released pages are evicted first, and losing a
+            # chain's tail keeps its prefix reusable while losing its head loses everything.
+            for b in range(len(pages) - 1, -1, -1):
+                p = pages[b]
                 if p != NIL:
                     if active:
                         storage.release_lock(p)
