@@ -116,6 +116,11 @@ class StorageManager:
         self.onboarded_from_level: vec[i64] = vec[i64]([0] * (len(quotas) * g))
         self.offloaded_by_group: vec[i64] = vec[i64]([0] * g)
         self.lost_pages: i64 = 0
+        # The disk level's index, or -1 (checked on every free, so kept as a plain int).
+        self.disk_level: i64 = -1
+        for i, kind in enumerate(kinds):
+            if kind == KIND_DISK:
+                self.disk_level = i
         self.failed_writes: i64 = 0
         self._logged_write_failure = False
         for level, quota in enumerate(quotas):
@@ -589,7 +594,7 @@ class StorageManager:
         pages = self.pages
         level = pages.level[p]
         if level >= 0:
-            if self.levels[level].kind == KIND_DISK:
+            if level == self.disk_level:
                 self.levels[level].disk[pages.pool_group[p]].invalidate([pages.slot[p]])
             alloc = self.allocators[level * self.num_pool_groups + pages.pool_group[p]]
             alloc.give_back(pages.slot[p])
