@@ -8,6 +8,7 @@ import pytest
 
 from conftest import attention, make_config
 from fake_engine import FakeEngine, Step
+from _serving import Seq, setup, toks
 from kv_cache_manager_v2 import (
     BufferId,
     KVCache,
@@ -27,43 +28,6 @@ MakeManager = Callable[..., KVCacheManager]
 
 
 # ---------------------------------------------------------------------------- helpers
-def setup(make_manager: MakeManager, **kw: Any) -> tuple[KVCacheManager, FakeEngine]:
-    cfg = make_config(**kw)
-    mgr = make_manager(**kw)
-    return mgr, FakeEngine(mgr, cfg)
-
-
-def toks(n: int, base: int) -> list[int]:
-    return list(range(base, base + n))
-
-
-class Seq:
-    def __init__(self, eng: FakeEngine, kv: KVCache, written: Sequence[Any] = ()) -> None:
-        self.eng = eng
-        self.kv = kv
-        self.written: list[Any] = list(written)
-
-    def step(self, new: Sequence[Any], commit: bool = True) -> bool:
-        kv = self.kv
-        need = len(self.written) + len(new)
-        if need > kv.capacity and not kv.resize(capacity=need):
-            return False
-        self.eng.forward([Step(kv, list(new), list(self.written))])
-        self.written.extend(new)
-        if commit:
-            kv.commit(self.written[kv.num_committed_tokens :])
-        else:
-            kv.resize(history_length=need)
-        return True
-
-    def verify(self) -> None:
-        self.eng.verify(self.kv, list(self.written))
-
-    def close(self) -> None:
-        self.kv.close()
-        self.eng.forget(self.kv)
-
-
 def new_seq(mgr: KVCacheManager, eng: FakeEngine, prompt: Sequence[Any] | None = None, **kw: Any) -> Seq:
     kv = mgr.create_kv_cache(input_tokens=prompt, **kw)
     written = list(prompt[: kv.num_committed_tokens]) if prompt is not None else []
