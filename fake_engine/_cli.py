@@ -12,6 +12,7 @@ from typing import Sequence
 
 from kv_cache_manager_v2 import DataIntegrityError, PageIndexMode
 
+from ._disagg import run_disagg
 from ._plot import PlotUnavailableError, load_pyplot, plot_timeline
 from ._simulate import MiB, SimulationResult, Simulator, model_config
 from ._workload import Request, mooncake_trace, synthetic_workload
@@ -224,6 +225,46 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if result.completed + result.skipped == result.requests else 1
 
 
+def _add_disagg(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser(
+        "disagg",
+        help="send a prompt's KV from a prefill-side manager to a decode-side one, verifying every byte",
+        description=(
+            "Two managers (host backend) with the same small model (full attention, SWA, SWA with "
+            "sinks): the prefill side writes and commits a prompt; the decode side sizes a cache with "
+            "resize(prompt_len, prompt_len), receives the bytes through the aggregated page "
+            "descriptors (aligned with align_block_spans), verifies the prompt and decodes a few "
+            "tokens with verification. Prints blocks and bytes sent per layer group."
+        ),
+    )
+    p.add_argument("--prompt-len", type=int, default=185, help="prompt length in tokens (default 185)")
+    p.add_argument("--tpb", type=int, default=16, help="tokens per block (default 16)")
+    p.add_argument("--window", type=int, default=64, help="SWA window in tokens (default 64)")
+    p.add_argument("--decode-tokens", type=int, default=8, help="tokens decoded after the transfer (default 8)")
+    p.set_defaults(func=_cmd_disagg)
+
+
+def _cmd_disagg(args: argparse.Namespace) -> int:
+    if args.prompt_len < 1 or args.tpb < 1 or args.window < 1 or args.decode_tokens < 0:
+        print("error: --prompt-len, --tpb and --window must be >= 1, --decode-tokens >= 0", file=sys.stderr)
+        return 1
+    config = model_config(
+        tokens_per_block=args.tpb,
+        gpu_quota_bytes=4 * MiB,
+        window=args.window,
+        small_window=args.window,
+        sink_tokens=4,
+    )
+    prompt = [(7 * i + 3) % 50_000 for i in range(args.prompt_len)]
+    try:
+        result = run_disagg(config, prompt, decode_tokens=args.decode_tokens)
+    except DataIntegrityError as exc:
+        print(f"DATA INTEGRITY ERROR: {exc}", file=sys.stderr)
+        return 2
+    print(result.format_summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fake_engine", description="Fake inference engine over kv_cache_manager_v2"
@@ -231,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_simulate(sub)
+    _add_disagg(sub)
     return parser
 
 

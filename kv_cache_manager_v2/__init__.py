@@ -25,6 +25,7 @@ from ._config import (
 from ._core._index import PageIndexConverter
 from ._core._kv_cache import KVCache
 from ._core._kv_cache_manager import KVCacheManager
+from ._disagg import align_block_spans, cached_tokens_per_layer_group
 from ._exceptions import (
     CacheCapacityError,
     CuError,
@@ -68,5 +69,7 @@ __all__ = [
     "StorageStatistics",
     "SwaScratchReuseConfig",
     "TokenIdExt",
+    "align_block_spans",
+    "cached_tokens_per_layer_group",
     "is_compiled",
 ]

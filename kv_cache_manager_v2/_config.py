@@ -163,8 +163,6 @@ def validate_config(config: object) -> KVCacheManagerConfig:
         raise ValueError(f"backend must be one of {BACKENDS}, got {config.backend!r}")
     if not isinstance(config.cache_kind, str) or config.cache_kind not in CACHE_KINDS:
         raise ValueError(f"cache_kind must be one of {CACHE_KINDS}, got {config.cache_kind!r}")
-    if config.cache_kind == "cross":
-        raise ValueError("cache_kind='cross' is not supported yet (planned: cross-attention caches)")
     if not isinstance(config.commit_min_snapshot, bool):
         raise TypeError("commit_min_snapshot must be a bool")
     if config.commit_min_snapshot:
@@ -217,6 +215,11 @@ def validate_config(config: object) -> KVCacheManagerConfig:
         ids.add(lid)
         if layer.sliding_window_size is not None:
             _check_int(layer.sliding_window_size, f"{where}.sliding_window_size", 1)
+            if config.cache_kind == "cross":
+                raise ValueError(
+                    f"{where}.sliding_window_size: a cross-attention manager (cache_kind='cross') "
+                    "takes full-attention layers only"
+                )
         if layer.num_sink_tokens is not None:
             _check_int(layer.num_sink_tokens, f"{where}.num_sink_tokens", 0)
             if layer.sliding_window_size is None and layer.num_sink_tokens > 0:

@@ -320,9 +320,16 @@ def test_unknown_cache_kind(kind: str) -> None:
     _raises(ValueError, "cache_kind", cache_kind=kind)
 
 
-def test_cross_cache_not_supported_yet() -> None:
-    with pytest.raises(ValueError, match="not supported yet") as info:
-        KVCacheManager(_cfg(cache_kind="cross"))
+def test_cross_cache_accepts_full_attention_layers() -> None:
+    m = KVCacheManager(_cfg(cache_kind="cross"))
+    m.shutdown()
+
+
+@pytest.mark.parametrize("sinks", [None, 4])
+def test_cross_cache_rejects_a_window(sinks: int | None) -> None:
+    layers = [attention(0), attention(1, window=64, sinks=sinks)]
+    with pytest.raises(ValueError, match=r"layers\[1\]\.sliding_window_size") as info:
+        KVCacheManager(_cfg(cache_kind="cross", layers=layers))
     assert "cross" in str(info.value)
 
 

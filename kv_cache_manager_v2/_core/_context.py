@@ -43,6 +43,8 @@ class CacheContext:
         self.next_serial: i64 = 0
         self.max_util_for_resume: float = float(config.max_util_for_resume)
         self.shut_down: bool = False
+        # Cross-attention caches (cache_kind="cross"): sized once, with resize(L, L).
+        self.cross: bool = config.cache_kind == "cross"
         # Iteration stats, one entry per layer group.
         g = registry.num_groups
         self.st_allocated: vec[i64] = vec[i64]([0] * g)

@@ -81,6 +81,9 @@ class KVCache:
         self._cow_block: i64 = -1
         # A page of this cache failed its checksum: only close() is allowed from now on.
         self._lost_data: bool = False
+        # Cross-attention cache: True once a resize has set its capacity (reuse does not count).
+        self._cross: bool = ctx.cross
+        self._sized: bool = False
         self._d_alloc_total: i64 = 0
         self._d_alloc_new: i64 = 0
         self._d_reused: i64 = 0
@@ -248,6 +251,8 @@ class KVCache:
     def resize(self, capacity: int | None = None, history_length: int | None = None) -> bool:
         if self._status != ACTIVE:
             self._require_active("resize")
+        if self._cross:
+            return self._resize_cross(capacity, history_length)
         if history_length is None and capacity is not None and type(capacity) is int and capacity >= self._history:
             # Fast path of a decode step: growth within the last block needs no page.
             tpb = self._tpb
@@ -263,6 +268,26 @@ class KVCache:
         if hist > new_cap:
             raise ValueError(f"history_length {hist} exceeds capacity {new_cap}")
         return self._resize(new_cap, hist)
+
+    def _resize_cross(self, capacity: int | None, history_length: int | None) -> bool:
+        """A cross-attention cache is sized once (normally `resize(L, L)`); afterwards its capacity
+        never changes. Resizing to the current capacity is always allowed."""
+        new_cap: i64 = self._capacity if capacity is None else _check_count(capacity, "capacity")
+        if self._sized and new_cap != self._capacity:
+            raise LogicError(
+                f"capacity: a cross-attention cache is sized once; its capacity {self._capacity} "
+                f"cannot change to {new_cap}"
+            )
+        hist: i64 = self._history if history_length is None else _check_count(history_length, "history_length")
+        if hist < self._history:
+            raise ValueError(f"history_length cannot decrease ({self._history} -> {hist})")
+        if hist > new_cap:
+            raise ValueError(f"history_length {hist} exceeds capacity {new_cap}")
+        if not self._resize(new_cap, hist):
+            return False
+        if capacity is not None:
+            self._sized = True
+        return True
 
     def _resize(self, cap: i64, hist: i64) -> bool:
         ctx = self._ctx

@@ -124,6 +124,9 @@ class KVCacheManager:
                 ctx.st_missed[lg] += missed
         else:
             kv._last_node = root
+        if ctx.cross and not seq:
+            # A cross cache created without key tokens never shares: no chain to publish on.
+            kv._last_node = None
         ctx.open_caches[kv._serial] = kv
         return kv
 
