@@ -134,7 +134,7 @@ class KVCacheManager:
         self,
         requests: Sequence[KVCacheRequest],
         cuda_stream: object = None,
-        all_or_nothing: bool = False,
+        all_or_nothing: object = False,
     ) -> list[KVCache | None]:
         """Batch admission (SPEC 4.7): every member is matched against one tree state and every
         matched page is claimed (held and pinned) before any member onboards, copies or
@@ -145,8 +145,10 @@ class KVCacheManager:
         self._check_alive()
         if not isinstance(all_or_nothing, bool):
             raise TypeError(f"all_or_nothing must be a bool, got {type(all_or_nothing).__name__}")
-        if isinstance(requests, (str, bytes, bytearray)) or not isinstance(requests, (list, tuple, Sequence)):
-            raise TypeError(f"requests must be a sequence of KVCacheRequest, got {type(requests).__name__}")
+        aon: bool = all_or_nothing
+        reqs_obj: object = requests
+        if isinstance(reqs_obj, (str, bytes, bytearray)) or not isinstance(reqs_obj, Sequence):
+            raise TypeError(f"requests must be a sequence of KVCacheRequest, got {type(reqs_obj).__name__}")
         ctx = self._ctx
         tree = ctx.tree
         storage = ctx.storage
@@ -164,22 +166,28 @@ class KVCacheManager:
             where = f"requests[{i}]"
             if not isinstance(req, KVCacheRequest):
                 raise TypeError(f"{where} must be a KVCacheRequest, got {type(req).__name__}")
+            # Read as plain objects: compiled code would otherwise check the declared field
+            # types on access, with a message that does not name the field.
+            f_tokens: object = getattr(req, "input_tokens")
+            f_scope: object = getattr(req, "reuse_scope")
+            f_cap: object = getattr(req, "capacity")
+            f_hist: object = getattr(req, "history_length")
             try:
-                scope = check_reuse_scope(req.reuse_scope)
+                scope = check_reuse_scope(f_scope)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{where}.{exc}") from None
-            seq = as_token_list(req.input_tokens, f"{where}.input_tokens")
+            seq = as_token_list(f_tokens, f"{where}.input_tokens")
             try:
                 match, all_int = tree.match(scope, seq)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{where}: {exc}") from None
             n: int = match.length
-            cap = len(seq) if req.capacity is None else _check_count(req.capacity, f"{where}.capacity")
-            hist = n if req.history_length is None else _check_count(req.history_length, f"{where}.history_length")
+            cap = len(seq) if f_cap is None else _check_count(f_cap, f"{where}.capacity")
+            hist = n if f_hist is None else _check_count(f_hist, f"{where}.history_length")
             if hist < n:
                 raise ValueError(f"{where}.history_length {hist} is below the reused length {n}")
             if hist > cap:
-                if req.history_length is None:
+                if f_hist is None:
                     raise ValueError(f"{where}.capacity {cap} is below the reused length {n}")
                 raise ValueError(f"{where}.history_length {hist} exceeds capacity {cap}")
             scopes.append(scope)
@@ -189,7 +197,7 @@ class KVCacheManager:
             caps.append(cap)
             hists.append(hist)
         count = len(reqs)
-        if all_or_nothing and not self._batch_fits(matches, caps, hists):
+        if aon and not self._batch_fits(matches, caps, hists):
             return [None] * count
         # ---- phase 1b: claim (hold and pin) every matched page of every member -------------------
         start_stats = self._stat_snapshot()
@@ -201,7 +209,7 @@ class KVCacheManager:
             before = self._stat_snapshot()
             match = matches[i]
             match.root = tree.root_for(scopes[i], True)
-            kv = KVCache(ctx, reqs[i].id, scopes[i], None)
+            kv = KVCache(ctx, getattr(reqs[i], "id"), scopes[i], None)
             kv._adopt(match, seqs[i], all_ints[i])
             missed = div_up(len(seqs[i]), tpb) - div_up(match.length, tpb)
             kv._d_missed += missed
@@ -222,7 +230,7 @@ class KVCacheManager:
             while done < count:
                 i = done
                 kv = caches[i]
-                ok = not (all_or_nothing and any(r is None for r in out[:i]))
+                ok = not (aon and any(r is None for r in out[:i]))
                 if ok:
                     need = kv._batch_need(caps[i], hists[i])
                     mine_pages = kv._all_pages()
@@ -256,11 +264,12 @@ class KVCacheManager:
             for j in range(done):
                 caches[j].close()
             raise
-        if all_or_nothing and any(r is None for r in out):
+        if aon and any(r is None for r in out):
             # Only reached when the up-front check was too optimistic: undo the admitted members.
             for j in range(count):
                 kvj = out[j]
                 if kvj is not None:
+                    kvj._committing = False
                     kvj.close()
             self._restore_stats(start_stats)
             return [None] * count
@@ -284,7 +293,9 @@ class KVCacheManager:
         return out
 
     def _discard_member(self, kv: KVCache, stat_delta: list[int]) -> None:
-        """Closes a batch member that did not make it and takes back the reuse it counted."""
+        """Closes a batch member that did not make it and takes back the reuse it counted. It
+        publishes nothing (its copy of a partial block stays private and is freed)."""
+        kv._committing = False
         kv.close()
         if not stat_delta:
             return
