@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final, Sequence, Union
 
-from ._common import MAX_PRIORITY
+from ._common import MAX_PRIORITY, TokenIdExt
 
 BACKENDS: Final = ("auto", "host", "cuda")
 CACHE_KINDS: Final = ("self", "cross")
@@ -85,6 +85,19 @@ class ReuseScope:
 
     lora_id: int | None = None
     salt: int | None = None
+
+
+@dataclass
+class KVCacheRequest:
+    """One member of a batch admission (`KVCacheManager.create_kv_caches`).
+
+    `capacity` defaults to `len(input_tokens)`; `history_length` to the member's reused length."""
+
+    input_tokens: Sequence[TokenIdExt]
+    reuse_scope: ReuseScope | None = None
+    id: object = None
+    capacity: int | None = None
+    history_length: int | None = None
 
 
 @dataclass

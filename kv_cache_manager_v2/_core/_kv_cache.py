@@ -304,11 +304,10 @@ class KVCache:
             self._raise_history(hist)
         return True
 
-    def _grow(self, old_nb: i64, new_nb: i64, hist: i64) -> bool:
+    def _grow_need(self, old_nb: i64, new_nb: i64, hist: i64) -> list[int]:
+        """Fresh level-0 pages per pool group that growing from old_nb to new_nb blocks takes."""
         ctx = self._ctx
-        storage = ctx.storage
-        num_pg = storage.num_pool_groups
-        need: list[int] = [0] * num_pg
+        need: list[int] = [0] * ctx.storage.num_pool_groups
         for lg in range(ctx.num_groups):
             lc = ctx.life_cycles[lg]
             if ctx.windowed[lg]:
@@ -321,6 +320,13 @@ class KVCache:
                 need[ctx.lg_pool_group[lg]] += cnt
             else:
                 need[ctx.lg_pool_group[lg]] += new_nb - old_nb
+        return need
+
+    def _grow(self, old_nb: i64, new_nb: i64, hist: i64) -> bool:
+        ctx = self._ctx
+        storage = ctx.storage
+        num_pg = storage.num_pool_groups
+        need = self._grow_need(old_nb, new_nb, hist)
         for pg in range(num_pg):
             if need[pg] > 0 and storage.capacity(0, pg) < need[pg]:
                 return False
@@ -544,6 +550,28 @@ class KVCache:
         )
 
     def resume(self, cuda_stream: object = None) -> bool:
+        return self._resume(cuda_stream, True)
+
+    def _batch_need(self, cap: i64, hist: i64) -> list[int]:
+        """Level-0 slots per pool group that admitting this (suspended, just adopted) cache at
+        (cap, hist) takes: its pages still below level 0, its copy-on-write copies, new blocks."""
+        ctx = self._ctx
+        table = ctx.storage.pages
+        need = self._grow_need(div_up(self._capacity, self._tpb), div_up(cap, self._tpb), hist)
+        cow = self._cow_block
+        for lg in range(ctx.num_groups):
+            pl = self._pages[lg]
+            for b in range(len(pl)):
+                p = pl[b]
+                if p == NIL:
+                    continue
+                if table.level[p] != 0:
+                    need[table.pool_group[p]] += 1
+                if b == cow:
+                    need[table.pool_group[p]] += 1
+        return need
+
+    def _resume(self, cuda_stream: object, gate: bool) -> bool:
         if self._status == ACTIVE:
             raise LogicError("resume: the cache is already ACTIVE")
         if self._status == CLOSED:
@@ -553,9 +581,10 @@ class KVCache:
         ctx = self._ctx
         storage = ctx.storage
         num_pg = storage.num_pool_groups
-        for pg in range(num_pg):
-            if storage.utilization(0, pg) > ctx.max_util_for_resume:
-                return False
+        if gate:
+            for pg in range(num_pg):
+                if storage.utilization(0, pg) > ctx.max_util_for_resume:
+                    return False
         self._check_lost([])
         cow = self._cow_block
         # Ask for priorities before anything moves: a bad callback answer changes nothing.

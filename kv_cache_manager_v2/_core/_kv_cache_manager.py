@@ -11,11 +11,14 @@ from .._common import BufferId, PageIndexMode, TokenIdExt, div_up
 from .._config import (
     DiskCacheTierConfig,
     KVCacheManagerConfig,
+    KVCacheRequest,
+    ReuseScope,
     check_reuse_scope,
     validate_config,
     validate_pool_ratio,
 )
-from .._exceptions import LogicError
+from .._block_radix_tree import ReuseMatch
+from .._exceptions import DataIntegrityError, LogicError
 from .._life_cycle_registry import LifeCycleRegistry
 from .._page import NIL
 from .._stats import AggregatedPageDesc, IterationStats, StorageStatistics
@@ -25,7 +28,7 @@ from .._storage_manager import KIND_DISK, KIND_MEMORY, DiskStore, StorageManager
 from .._tokens import as_token_list
 from ._context import CacheContext
 from ._index import PageIndexConverter
-from ._kv_cache import ACTIVE, KVCache, PriorityCallback
+from ._kv_cache import ACTIVE, KVCache, PriorityCallback, _check_count
 
 
 class KVCacheManager:
@@ -129,6 +132,259 @@ class KVCacheManager:
             kv._last_node = None
         ctx.open_caches[kv._serial] = kv
         return kv
+
+    def create_kv_caches(
+        self,
+        requests: Sequence[KVCacheRequest],
+        cuda_stream: object = None,
+        all_or_nothing: object = False,
+    ) -> list[KVCache | None]:
+        """Batch admission (SPEC 4.7): every member is matched against one tree state and every
+        matched page is claimed (held and pinned) before any member onboards, copies or
+        allocates, so no member can evict what another reuses. Then, member by member: onboard,
+        copy-on-write, allocate, set capacity/history; each result is ACTIVE, or None (holding
+        nothing) when the member does not fit. With `all_or_nothing`, one misfit makes every
+        result None and changes nothing."""
+        self._check_alive()
+        if not isinstance(all_or_nothing, bool):
+            raise TypeError(f"all_or_nothing must be a bool, got {type(all_or_nothing).__name__}")
+        aon: bool = all_or_nothing
+        reqs_obj: object = requests
+        if isinstance(reqs_obj, (str, bytes, bytearray)) or not isinstance(reqs_obj, Sequence):
+            raise TypeError(f"requests must be a sequence of KVCacheRequest, got {type(reqs_obj).__name__}")
+        ctx = self._ctx
+        tree = ctx.tree
+        storage = ctx.storage
+        tpb = ctx.tokens_per_block
+        reqs = list(requests)
+        # ---- validation and phase 1a: match everything against the same tree state -------------
+        scopes: list[ReuseScope | None] = []
+        seqs: list[list[TokenIdExt]] = []
+        matches: list[ReuseMatch] = []
+        all_ints: list[bool] = []
+        caps: list[int] = []
+        hists: list[int] = []
+        for i in range(len(reqs)):
+            req = reqs[i]
+            where = f"requests[{i}]"
+            if not isinstance(req, KVCacheRequest):
+                raise TypeError(f"{where} must be a KVCacheRequest, got {type(req).__name__}")
+            # Read as plain objects: compiled code would otherwise check the declared field
+            # types on access, with a message that does not name the field.
+            f_tokens: object = getattr(req, "input_tokens")
+            f_scope: object = getattr(req, "reuse_scope")
+            f_cap: object = getattr(req, "capacity")
+            f_hist: object = getattr(req, "history_length")
+            try:
+                scope = check_reuse_scope(f_scope)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{where}.{exc}") from None
+            seq = as_token_list(f_tokens, f"{where}.input_tokens")
+            try:
+                match, all_int = tree.match(scope, seq)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{where}: {exc}") from None
+            n: int = match.length
+            cap = len(seq) if f_cap is None else _check_count(f_cap, f"{where}.capacity")
+            hist = n if f_hist is None else _check_count(f_hist, f"{where}.history_length")
+            if hist < n:
+                raise ValueError(f"{where}.history_length {hist} is below the reused length {n}")
+            if hist > cap:
+                if f_hist is None:
+                    raise ValueError(f"{where}.capacity {cap} is below the reused length {n}")
+                raise ValueError(f"{where}.history_length {hist} exceeds capacity {cap}")
+            scopes.append(scope)
+            seqs.append(seq)
+            matches.append(match)
+            all_ints.append(all_int)
+            caps.append(cap)
+            hists.append(hist)
+        count = len(reqs)
+        if aon and not self._batch_fits(matches, caps, hists):
+            return [None] * count
+        # ---- phase 1b: claim (hold and pin) every matched page of every member -------------------
+        start_stats = self._stat_snapshot()
+        caches: list[KVCache] = []
+        claims: list[list[int]] = []
+        stat_deltas: list[list[int]] = []
+        g = ctx.num_groups
+        for i in range(count):
+            before = self._stat_snapshot()
+            match = matches[i]
+            match.root = tree.root_for(scopes[i], True)
+            kv = KVCache(ctx, getattr(reqs[i], "id"), scopes[i], None)
+            kv._adopt(match, seqs[i], all_ints[i])
+            missed = div_up(len(seqs[i]), tpb) - div_up(match.length, tpb)
+            kv._d_missed += missed
+            for lg in range(g):
+                ctx.st_missed[lg] += missed
+            after = self._stat_snapshot()
+            stat_deltas.append([after[k] - before[k] for k in range(len(after))])
+            ctx.open_caches[kv._serial] = kv
+            mine = [int(p) for p in kv._all_pages()]
+            for p in mine:
+                storage.pin(p)
+            caches.append(kv)
+            claims.append(mine)
+        # ---- phase 2: member by member ------------------------------------------------------------
+        out: list[KVCache | None] = [None] * count
+        done = 0
+        try:
+            while done < count:
+                i = done
+                kv = caches[i]
+                ok = not (aon and any(r is None for r in out[:i]))
+                if ok:
+                    need = kv._batch_need(caps[i], hists[i])
+                    mine_pages = kv._all_pages()
+                    for pg in range(storage.num_pool_groups):
+                        if need[pg] > 0 and storage.capacity_for(0, pg, mine_pages) < need[pg]:
+                            ok = False
+                if ok:
+                    try:
+                        ok = kv._resume(cuda_stream, False)
+                    except DataIntegrityError:
+                        ok = False
+                if ok:
+                    ok = kv._resize(caps[i], hists[i])
+                # The member's claims end with it: a partial source shared with no later member
+                # is released right after its last copier.
+                for p in claims[i]:
+                    storage.unpin(p)
+                claims[i] = []
+                done += 1
+                if ok:
+                    out[i] = kv
+                else:
+                    self._discard_member(kv, stat_deltas[i])
+        except BaseException:
+            # An unexpected error: release whatever is still claimed (nothing leaks a pin) and
+            # close every member, admitted or not; the caller gets none of them.
+            for j in range(done, count):
+                for p in claims[j]:
+                    storage.unpin(p)
+                caches[j].close()
+            for j in range(done):
+                caches[j].close()
+            raise
+        if aon and any(r is None for r in out):
+            # Only reached when the up-front check was too optimistic: undo the admitted members.
+            for j in range(count):
+                kvj = out[j]
+                if kvj is not None:
+                    kvj._committing = False
+                    kvj.close()
+            self._restore_stats(start_stats)
+            return [None] * count
+        return out
+
+    def _restore_stats(self, snap: list[int]) -> None:
+        ctx = self._ctx
+        g = ctx.num_groups
+        vecs = (ctx.st_allocated, ctx.st_new, ctx.st_reused_full, ctx.st_reused_partial, ctx.st_missed)
+        for k in range(len(vecs)):
+            v = vecs[k]
+            for lg in range(g):
+                v[lg] = snap[k * g + lg]
+
+    def _stat_snapshot(self) -> list[int]:
+        ctx = self._ctx
+        out: list[int] = []
+        for v in (ctx.st_allocated, ctx.st_new, ctx.st_reused_full, ctx.st_reused_partial, ctx.st_missed):
+            for x in v:
+                out.append(int(x))
+        return out
+
+    def _discard_member(self, kv: KVCache, stat_delta: list[int]) -> None:
+        """Closes a batch member that did not make it and takes back the reuse it counted. It
+        publishes nothing (its copy of a partial block stays private and is freed)."""
+        kv._committing = False
+        kv.close()
+        if not stat_delta:
+            return
+        ctx = self._ctx
+        g = ctx.num_groups
+        vecs = (ctx.st_allocated, ctx.st_new, ctx.st_reused_full, ctx.st_reused_partial, ctx.st_missed)
+        for k in range(len(vecs)):
+            v = vecs[k]
+            for lg in range(g):
+                v[lg] -= stat_delta[k * g + lg]
+
+    def _batch_fits(self, matches: list[ReuseMatch], caps: list[int], hists: list[int]) -> bool:
+        """Whether the whole batch fits on level 0 at once, judged before anything changes: the
+        claimed pages cannot be evicted, those below level 0 must come up, and every member's
+        copy-on-write copies and new blocks need slots."""
+        ctx = self._ctx
+        storage = ctx.storage
+        table = storage.pages
+        tree = ctx.tree
+        tpb = ctx.tokens_per_block
+        g = ctx.num_groups
+        npg = storage.num_pool_groups
+        nlv = storage.num_levels
+        need = [0] * npg
+        claimed: set[int] = set()
+        for i in range(len(matches)):
+            match = matches[i]
+            n = match.length
+            nb = div_up(n, tpb)
+            new_nb = div_up(caps[i], tpb)
+            for lg in range(g):
+                lc = ctx.life_cycles[lg]
+                pg = ctx.lg_pool_group[lg]
+                s = lc.stale_beg(n)
+                e = lc.stale_end(n)
+                for b in range(nb):
+                    if s <= b < e:
+                        continue
+                    p = tree.page_of(match.nodes[b], lg)
+                    claimed.add(p)
+                    if match.partial and b == nb - 1:
+                        need[pg] += 1
+                hs = lc.stale_beg(hists[i])
+                he = lc.stale_end(hists[i])
+                for b in range(nb, new_nb):
+                    if not (ctx.windowed[lg] and hs <= b < he):
+                        need[pg] += 1
+        # Claimed pages per (level, pool group): how many are evictable now, how many of those HELD.
+        cl_listed = [0] * (nlv * npg)
+        cl_held = [0] * (nlv * npg)
+        cl_at = [0] * (nlv * npg)
+        for p in claimed:
+            lv = table.level[p]
+            pg = table.pool_group[p]
+            if lv < 0:
+                continue
+            if lv != 0:
+                need[pg] += 1
+            k = lv * npg + pg
+            cl_at[k] += 1
+            if table.listed[p]:
+                cl_listed[k] += 1
+                if table.holds[p] > 0:
+                    cl_held[k] += 1
+        for pg in range(npg):
+            if need[pg] == 0:
+                continue
+            listed = storage.num_evictable(0, pg) - cl_listed[pg]
+            held = table.held_evictable_count(0, pg) - cl_held[pg]
+            cap = storage.num_free(0, pg) + listed - held
+            if held > 0:
+                room = 0
+                if nlv > 1 and storage.levels[0].kind == KIND_MEMORY and storage.levels[1].kind == KIND_MEMORY:
+                    room += cl_at[npg + pg]
+                for lv in range(1, nlv):
+                    k = lv * npg + pg
+                    room += (
+                        storage.num_free(lv, pg)
+                        + storage.num_evictable(lv, pg)
+                        - cl_listed[k]
+                        - (table.held_evictable_count(lv, pg) - cl_held[k])
+                    )
+                cap += min(held, room)
+            if cap < need[pg]:
+                return False
+        return True
 
     def probe_reuse(self, reuse_scope: object = None, input_tokens: Sequence[TokenIdExt] | None = None) -> int:
         """How many tokens `create_kv_cache` would reuse now (changes nothing)."""
