@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Sequence
 
 from .._common import BAD_PAGE_INDEX, PageIndexMode, ScratchDesc
+
+if TYPE_CHECKING:
+    # numpy is imported only when the vectorised form is used: importing it starts OpenBLAS
+    # worker threads, which spin on the engine's cores.
+    import numpy as np
+    import numpy.typing as npt
 
 
 class PageIndexConverter:
@@ -74,10 +77,12 @@ class PageIndexConverter:
         return out
 
     def convert_array(
-        self, base_indices: npt.ArrayLike, index_mode: PageIndexMode | None = None
-    ) -> npt.NDArray[np.int64]:
+        self, base_indices: "npt.ArrayLike", index_mode: PageIndexMode | None = None
+    ) -> "npt.NDArray[np.int64]":
         """Vectorised form for many caches at once: any-shaped int array in, the last axis
         expanded by `expansion` out (-1 stays -1). Scratch blocks are not handled here."""
+        import numpy as np
+
         a = np.asarray(base_indices, dtype=np.int64)
         off = self.layer_offset if index_mode is PageIndexMode.PER_LAYER else 0
         e = self.expansion
