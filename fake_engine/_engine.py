@@ -210,7 +210,17 @@ class _CacheState:
 class _Pending:
     """Per-buffer reads and writes collected over a batch."""
 
-    __slots__ = ("read_slots", "read_tokens", "read_owner", "write_slots", "write_tokens", "write_owner")
+    __slots__ = (
+        "read_slots",
+        "read_tokens",
+        "read_owner",
+        "write_slots",
+        "write_tokens",
+        "write_owner",
+        "scratch_slots",
+        "scratch_tokens",
+        "scratch_owner",
+    )
 
     def __init__(self) -> None:
         self.read_slots: list[I64Array] = []
@@ -219,6 +229,12 @@ class _Pending:
         self.write_slots: list[I64Array] = []
         self.write_tokens: list[U32Array] = []
         self.write_owner: list[tuple[int, I64Array]] = []
+        # Writes that land on SWA scratch slots (SPEC 4.8): every layer of the group reuses the
+        # same slots one after another, so they are read back right after this buffer's write,
+        # before the next layer overwrites them.
+        self.scratch_slots: list[I64Array] = []
+        self.scratch_tokens: list[U32Array] = []
+        self.scratch_owner: list[tuple[int, I64Array]] = []
 
 
 def _positions(ranges: Sequence[tuple[int, int]]) -> I64Array:
@@ -471,6 +487,7 @@ class FakeEngine:
                     continue
                 b0 = min(a for a, _ in all_ranges) // tpb
                 b1 = _ceil_div(max(b for _, b in all_ranges), tpb)
+                desc = None
                 if has_scratch:
                     desc = kv.get_scratch_desc(gid)
                     conv_list = buf.converter(base_seq, self.index_mode, desc) if desc else buf.converter(
@@ -508,9 +525,17 @@ class FakeEngine:
                         self._check_mapped(buf, idx, wr_pos, h, "tokens being written")
                     if write_tokens is None:
                         write_tokens = tokens_to_array(step.input_tokens)
-                    pend.write_slots.append(idx * tpp + wr_pos % tpp)
+                    wr_slots = idx * tpp + wr_pos % tpp
+                    pend.write_slots.append(wr_slots)
                     pend.write_tokens.append(write_tokens)
                     pend.write_owner.append((si, wr_pos))
+                    if desc:
+                        blk = wr_pos // tpb
+                        in_scr = (blk >= desc.range.beg) & (blk < desc.range.end)
+                        if in_scr.any():
+                            pend.scratch_slots.append(wr_slots[in_scr])
+                            pend.scratch_tokens.append(write_tokens[in_scr])
+                            pend.scratch_owner.append((si, wr_pos[in_scr]))
 
     def _check_mapped(self, buf: _Buffer, idx: I64Array, pos: I64Array, h: int, what: str) -> None:
         miss = np.nonzero(idx < 0)[0]
@@ -532,8 +557,17 @@ class FakeEngine:
     def _check_reads(self, buf: _Buffer, p: _Pending, steps: Sequence[Step]) -> None:
         if not p.read_slots:
             return
-        slots = np.concatenate(p.read_slots) if len(p.read_slots) > 1 else p.read_slots[0]
-        toks = np.concatenate(p.read_tokens) if len(p.read_tokens) > 1 else p.read_tokens[0]
+        self._check_slots(buf, p.read_slots, p.read_tokens, p.read_owner)
+
+    def _check_slots(
+        self,
+        buf: _Buffer,
+        read_slots: list[I64Array],
+        read_tokens: list[U32Array],
+        read_owner: list[tuple[int, I64Array]],
+    ) -> None:
+        slots = np.concatenate(read_slots) if len(read_slots) > 1 else read_slots[0]
+        toks = np.concatenate(read_tokens) if len(read_tokens) > 1 else read_tokens[0]
         view = buf.ensure_rows(int(slots.max()) + 1)
         found = view[slots]
         m = slots.shape[0]
@@ -542,7 +576,7 @@ class FakeEngine:
         if bad.any():
             k = int(np.argmax(bad))
             off = 0
-            for si, pos in p.read_owner:
+            for si, pos in read_owner:
                 if k < off + pos.shape[0]:
                     break
                 off += pos.shape[0]
@@ -577,3 +611,7 @@ class FakeEngine:
         rec = self._records(buf, toks)
         view[slots] = np.tile(rec, (1, buf.reps)) if buf.reps > 1 else rec
         self.bytes_written += slots.shape[0] * buf.token_bytes
+        if p.scratch_slots:
+            # Layer by layer: this layer's scratch tokens are verified before the next layer
+            # of the group writes over the same scratch slots.
+            self._check_slots(buf, p.scratch_slots, p.scratch_tokens, p.scratch_owner)

@@ -192,7 +192,6 @@ def validate_config(config: object) -> KVCacheManagerConfig:
         if not isinstance(config.swa_scratch_reuse, SwaScratchReuseConfig):
             raise TypeError("swa_scratch_reuse must be a SwaScratchReuseConfig or None")
         _check_int(config.swa_scratch_reuse.max_rewind_len, "swa_scratch_reuse.max_rewind_len", 0)
-        raise ValueError("swa_scratch_reuse is not supported yet (planned: SWA scratch reuse)")
     # Tiers: exactly one GPU tier first; colder tiers come in later releases.
     tiers = config.cache_tiers
     if not isinstance(tiers, list) or not tiers:

@@ -9,9 +9,21 @@ from ._life_cycle_registry import LifeCycleRegistry
 from ._storage._layout import StorageLayout
 
 
-def batch_blocks(batch: BatchDesc, registry: LifeCycleRegistry, tokens_per_block: int) -> list[int]:
+def batch_blocks(
+    batch: BatchDesc,
+    registry: LifeCycleRegistry,
+    tokens_per_block: int,
+    layout: StorageLayout | None = None,
+    max_rewind: int | None = None,
+) -> list[int]:
     """Pages each layer group needs to hold every cache of `batch` at once (the system prompt's
-    full blocks are shared, so they count once)."""
+    full blocks are shared, so they count once).
+
+    Scratch-aware sizing (SPEC 4.8): with `max_rewind` given (swa_scratch_reuse configured),
+    an SWA group's scratch blocks of each step take only their shared scratch slots,
+    ceil(n x frac), instead of one page each; so a windowed group's share of the quota
+    shrinks when scratch reuse is on. The default split (no typical_step, no constraints)
+    does not depend on steps and is unchanged."""
     out = [0] * registry.num_groups
     shared = batch.system_prompt_length // tokens_per_block
     for i, kv in enumerate(batch.kv_caches):
@@ -19,10 +31,22 @@ def batch_blocks(batch: BatchDesc, registry: LifeCycleRegistry, tokens_per_block
         for g, lc in enumerate(registry.life_cycles):
             stale = lc.stale_end(kv.history_length) - lc.stale_beg(kv.history_length)
             blocks = nb - stale
+            if layout is not None and max_rewind is not None and lc.is_windowed:
+                x = max(0, kv.capacity - max_rewind)
+                sb = max(lc.stale_beg(x), div_up(kv.history_length, tokens_per_block))
+                se = min(lc.stale_end(x), nb)
+                if se > sb:
+                    blocks -= se - sb
+                    blocks += layout.layer_groups[g].scratch_slots(se - sb)
             if i > 0 and not lc.is_windowed:
                 blocks -= min(shared, nb)
             out[g] += max(0, blocks)
     return out
+
+
+def _max_rewind(config: KVCacheManagerConfig) -> int | None:
+    scratch = config.swa_scratch_reuse
+    return scratch.max_rewind_len if scratch is not None else None
 
 
 def _check_batch(batch: BatchDesc, where: str) -> None:
@@ -51,7 +75,7 @@ def layer_group_weights(
         batch = max(config.constraints, key=lambda b: sum(batch_blocks(b, registry, config.tokens_per_block)))
     if batch is None:
         return None
-    blocks = batch_blocks(batch, registry, config.tokens_per_block)
+    blocks = batch_blocks(batch, registry, config.tokens_per_block, layout, _max_rewind(config))
     bytes_ = [blocks[g] * layout.layer_groups[g].slot_size for g in range(registry.num_groups)]
     total = sum(bytes_)
     if total == 0:
@@ -72,7 +96,7 @@ def level0_floors(config: KVCacheManagerConfig, registry: LifeCycleRegistry, lay
     floors = [0] * len(layout.pool_groups)
     for i, batch in enumerate(config.constraints):
         _check_batch(batch, f"constraints[{i}]")
-        blocks = batch_blocks(batch, registry, config.tokens_per_block)
+        blocks = batch_blocks(batch, registry, config.tokens_per_block, layout, _max_rewind(config))
         need = [0] * len(layout.pool_groups)
         for g in range(registry.num_groups):
             need[layout.layer_groups[g].pool_group] += blocks[g]

@@ -377,10 +377,19 @@ def test_commit_min_snapshot_rejected() -> None:
     _raises(ValueError, "commit_min_snapshot", commit_min_snapshot=True)
 
 
-def test_swa_scratch_reuse_not_supported_yet() -> None:
-    with pytest.raises(ValueError, match="not supported yet") as info:
-        KVCacheManager(_cfg(layers=[attention(0, window=64)], swa_scratch_reuse=SwaScratchReuseConfig(0)))
-    assert "swa_scratch_reuse" in str(info.value)
+def test_swa_scratch_reuse_accepted() -> None:
+    # SPEC 4.8: SwaScratchReuseConfig(max_rewind_len) is accepted (scratch reuse is implemented).
+    for rewind in (0, 32):
+        m = KVCacheManager(_cfg(layers=[attention(0, window=64)], swa_scratch_reuse=SwaScratchReuseConfig(rewind)))
+        kv = m.create_kv_cache()
+        assert kv.enable_swa_scratch_reuse is True
+        kv.close()
+        m.shutdown()
+
+
+def test_swa_scratch_reuse_wrong_type() -> None:
+    with pytest.raises(TypeError, match="swa_scratch_reuse"):
+        KVCacheManager(_cfg(layers=[attention(0, window=64)], swa_scratch_reuse=0))
 
 
 def test_swa_scratch_reuse_bad_rewind_names_field() -> None:

@@ -45,6 +45,10 @@ class CacheContext:
         self.shut_down: bool = False
         # Cross-attention caches (cache_kind="cross"): sized once, with resize(L, L).
         self.cross: bool = config.cache_kind == "cross"
+        # SWA scratch reuse (SPEC 4.8): configured on the manager; each cache may turn it off.
+        scratch = config.swa_scratch_reuse
+        self.scratch_on: bool = scratch is not None
+        self.max_rewind: i64 = scratch.max_rewind_len if scratch is not None else 0
         # Iteration stats, one entry per layer group.
         g = registry.num_groups
         self.st_allocated: vec[i64] = vec[i64]([0] * g)

@@ -62,12 +62,32 @@ def check_manager(ctx: CacheContext) -> None:
             lc = ctx.life_cycles[lg]
             s = lc.stale_beg(kv._history)
             e = lc.stale_end(kv._history)
+            # Scratch blocks (and former ones, not stale yet) have no page; never sink blocks.
+            hwm = kv._scr_hwm[lg]
+            sb = kv._scr_beg[lg]
+            se = kv._scr_end[lg]
+            if se > sb and sb < lc.sink_blocks:
+                _fail(f"cache {kv.id!r} group {lg}: scratch range [{sb}, {se}) covers a sink block")
+            if len(kv._scr_pages[lg]) != 0:
+                if kv._status != ACTIVE:
+                    _fail(f"suspended cache {kv.id!r} group {lg} still has scratch slots")
+                want_slots = ctx.layout.layer_groups[lg].scratch_slots(se - sb)
+                if len(kv._scr_pages[lg]) != want_slots:
+                    _fail(f"cache {kv.id!r} group {lg}: {len(kv._scr_pages[lg])} scratch slots for {se - sb} blocks, want {want_slots}")
+                for p in kv._scr_pages[lg]:
+                    if not pages.is_live(p) or pages.level[p] != 0 or pages.node[p] != NIL or pages.layer_group[p] != lg:
+                        _fail(f"cache {kv.id!r} group {lg}: scratch page {p} is not a private level-0 page")
+                    locks[p] += 1
+            elif kv._status == ACTIVE and se > sb:
+                _fail(f"active cache {kv.id!r} group {lg}: scratch range [{sb}, {se}) without slots")
             for b in range(nb):
                 p = pl[b]
                 stale = s <= b < e
                 if stale and p != NIL:
                     _fail(f"cache {kv.id!r} group {lg}: stale block {b} still has page {p}")
-                if not stale and p == NIL:
+                if sb <= b < se and p != NIL:
+                    _fail(f"cache {kv.id!r} group {lg}: scratch block {b} has page {p}")
+                if not stale and p == NIL and not (lc.sink_blocks <= b < hwm):
                     _fail(f"cache {kv.id!r} group {lg}: block {b} has no page")
                 if p == NIL:
                     continue

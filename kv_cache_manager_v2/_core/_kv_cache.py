@@ -11,7 +11,7 @@ from __future__ import annotations
 from array import array
 from typing import Callable, Sequence
 
-from librt.vecs import append, vec
+from librt.vecs import append, pop, vec
 from mypy_extensions import i64
 
 from .._block_radix_tree import BlockNode, ReuseMatch
@@ -20,6 +20,7 @@ from .._common import (
     TOKEN_ID_LIMIT,
     DEFAULT_PRIORITY,
     MAX_PRIORITY,
+    HalfOpenRange,
     KVCacheStatus,
     PageIndexMode,
     ScratchDesc,
@@ -88,6 +89,17 @@ class KVCache:
         self._d_alloc_new: i64 = 0
         self._d_reused: i64 = 0
         self._d_missed: i64 = 0
+        # SWA scratch reuse (SPEC 4.8). Per layer group: the scratch block range [beg, end) and
+        # the scratch slots it shares, held as LOCKED pages outside the tree and outside
+        # `_pages` (so they count as used level-0 slots and are never evictable). `_scr_hwm` is
+        # the highest scratch end ever set (blocks below it may lack a page before they go
+        # stale; the invariant checker needs it).
+        self._scratch_on: bool = ctx.scratch_on
+        self._scr_beg: vec[i64] = vec[i64]([0] * g)
+        self._scr_end: vec[i64] = vec[i64]([0] * g)
+        self._scr_pages: list[vec[i64]] = [vec[i64]() for _ in range(g)]
+        self._scr_hwm: vec[i64] = vec[i64]([0] * g)
+        self._scr_any: bool = False
 
     # ---- properties --------------------------------------------------------------------------
     @property
@@ -120,6 +132,12 @@ class KVCache:
 
     @capacity.setter
     def capacity(self, value: int) -> None:
+        if self._scratch_on and len(self._ctx.swa_groups) > 0:
+            # A capacity change with scratch on must name the new history (SPEC 4.8).
+            raise ValueError(
+                "capacity: with SWA scratch reuse on, change capacity with "
+                "resize(capacity, history_length) so the new history_length is explicit"
+            )
         if not self.resize(capacity=value):
             raise OutOfPagesError(f"not enough pages for capacity {value}")
 
@@ -134,24 +152,42 @@ class KVCache:
 
     @property
     def has_scratch_slots(self) -> bool:
+        for pl in self._scr_pages:
+            if len(pl) > 0:
+                return True
         return False
 
     @property
     def enable_swa_scratch_reuse(self) -> bool:
-        return False
+        return self._scratch_on
 
     @enable_swa_scratch_reuse.setter
     def enable_swa_scratch_reuse(self, value: bool) -> None:
-        if value:
+        if not isinstance(value, bool):
+            raise TypeError("enable_swa_scratch_reuse must be a bool")
+        if value and not self._ctx.scratch_on:
             raise ValueError("enable_swa_scratch_reuse: the manager has no swa_scratch_reuse configured")
+        if not value and self._scr_any:
+            raise ValueError(
+                "enable_swa_scratch_reuse: this cache has scratch blocks in use; commit past them first"
+            )
+        self._scratch_on = value
 
     def get_scratch_desc(self, layer_group_id: int) -> ScratchDesc | None:
         self._check_group(layer_group_id)
-        return None
+        pl = self._scr_pages[layer_group_id]
+        beg = self._scr_beg[layer_group_id]
+        end = self._scr_end[layer_group_id]
+        if len(pl) == 0 or end <= beg:
+            return None
+        slot = self._ctx.storage.pages.slot
+        return ScratchDesc(HalfOpenRange(beg, end), [slot[p] for p in pl])
 
     def supports_index_mode(self, mode: PageIndexMode) -> bool:
         if not isinstance(mode, PageIndexMode):
             raise TypeError("mode must be a PageIndexMode")
+        if mode is PageIndexMode.SHARED:
+            return not self.has_scratch_slots
         return True
 
     def __repr__(self) -> str:
@@ -253,7 +289,13 @@ class KVCache:
             self._require_active("resize")
         if self._cross:
             return self._resize_cross(capacity, history_length)
-        if history_length is None and capacity is not None and type(capacity) is int and capacity >= self._history:
+        if (
+            history_length is None
+            and capacity is not None
+            and type(capacity) is int
+            and capacity >= self._history
+            and not self._scratch_on
+        ):
             # Fast path of a decode step: growth within the last block needs no page.
             tpb = self._tpb
             cap: i64 = capacity
@@ -291,6 +333,8 @@ class KVCache:
 
     def _resize(self, cap: i64, hist: i64) -> bool:
         ctx = self._ctx
+        if self._scratch_on and len(ctx.swa_groups) > 0:
+            return self._resize_scratch(cap, hist)
         tpb = ctx.tokens_per_block
         old_nb: i64 = div_up(self._capacity, tpb)
         new_nb: i64 = div_up(cap, tpb)
@@ -304,8 +348,136 @@ class KVCache:
             self._raise_history(hist)
         return True
 
-    def _grow_need(self, old_nb: i64, new_nb: i64, hist: i64) -> list[int]:
-        """Fresh level-0 pages per pool group that growing from old_nb to new_nb blocks takes."""
+    # ---- SWA scratch reuse (SPEC 4.8) ---------------------------------------------------------
+    def _scratch_range(self, lg: i64, cap: i64, hist: i64) -> tuple[i64, i64]:
+        """Scratch blocks of SWA group lg at (cap, hist): the stale range at history
+        max(0, cap - max_rewind_len) intersected with [ceil(hist/tpb), ceil(cap/tpb))."""
+        lc = self._ctx.life_cycles[lg]
+        x: i64 = cap - self._ctx.max_rewind
+        if x < 0:
+            x = 0
+        tpb = self._tpb
+        beg: i64 = lc.stale_beg(x)
+        lo: i64 = (hist + tpb - 1) // tpb
+        if lo > beg:
+            beg = lo
+        end: i64 = lc.stale_end(x)
+        hi: i64 = (cap + tpb - 1) // tpb
+        if hi < end:
+            end = hi
+        if end < beg:
+            end = beg
+        return beg, end
+
+    def _plan_scratch(self, cap: i64, hist: i64) -> tuple[list[int], list[int], list[int]]:
+        """Scratch ranges per layer group at (cap, hist) and the extra level-0 slots per pool
+        group they take beyond the scratch slots this cache already has."""
+        ctx = self._ctx
+        g = ctx.num_groups
+        begs: list[int] = [0] * g
+        ends: list[int] = [0] * g
+        extra: list[int] = [0] * ctx.storage.num_pool_groups
+        for lg in ctx.swa_groups:
+            b, e = self._scratch_range(lg, cap, hist)
+            begs[lg] = b
+            ends[lg] = e
+            want = ctx.layout.layer_groups[lg].scratch_slots(e - b)
+            have = len(self._scr_pages[lg])
+            if want > have:
+                extra[ctx.lg_pool_group[lg]] += want - have
+        return begs, ends, extra
+
+    def _apply_scratch(self, begs: list[int], ends: list[int]) -> None:
+        """Sets the scratch ranges: takes or gives back scratch slots (the caller made room),
+        and gives up the pages of existing blocks that fall in a range."""
+        ctx = self._ctx
+        storage = ctx.storage
+        any_range = False
+        for lg in ctx.swa_groups:
+            beg: i64 = begs[lg]
+            end: i64 = ends[lg]
+            want: i64 = ctx.layout.layer_groups[lg].scratch_slots(end - beg)
+            pl = self._scr_pages[lg]
+            while len(pl) > want:
+                pl, p = pop(pl)
+                storage.release_lock(p)
+            if len(pl) < want:
+                pl = storage.new_locked_pages(ctx.lg_pool_group[lg], lg, DEFAULT_PRIORITY, want - len(pl), pl)
+            self._scr_pages[lg] = pl
+            if end > beg:
+                pages = self._pages[lg]
+                buf = self._index_bufs[lg]
+                for b in range(beg, min(end, len(pages))):
+                    p = pages[b]
+                    if p != NIL:
+                        pages[b] = NIL
+                        if buf is not None:
+                            buf[b] = BAD_PAGE_INDEX
+                        storage.release_lock(p)
+                self._scr_beg[lg] = beg
+                self._scr_end[lg] = end
+                if end > self._scr_hwm[lg]:
+                    self._scr_hwm[lg] = end
+                any_range = True
+            else:
+                self._scr_beg[lg] = 0
+                self._scr_end[lg] = 0
+        self._scr_any = any_range
+
+    def _release_scratch_slots(self) -> None:
+        storage = self._ctx.storage
+        for lg in range(self._ctx.num_groups):
+            pl = self._scr_pages[lg]
+            if len(pl) == 0:
+                continue
+            for p in pl:
+                storage.release_lock(p)
+            self._scr_pages[lg] = vec[i64]()
+
+    def _resize_scratch(self, cap: i64, hist: i64) -> bool:
+        """`_resize` with scratch reuse on: checks the resize protocol first (ValueError, no
+        change), then allocates pages and scratch slots all-or-nothing."""
+        ctx = self._ctx
+        old_cap = self._capacity
+        if cap != old_cap:
+            r = ctx.max_rewind
+            if not old_cap - r <= hist <= old_cap:
+                raise ValueError(
+                    f"history_length: with SWA scratch reuse a capacity change ({old_cap} -> {cap}) needs "
+                    f"{max(0, old_cap - r)} <= history_length <= {old_cap} (max_rewind_len {r}), got {hist}"
+                )
+            if cap < old_cap and self.has_scratch_slots:
+                raise ValueError(
+                    f"capacity: cannot shrink ({old_cap} -> {cap}) while this cache has scratch slots"
+                )
+        tpb = self._tpb
+        old_nb: i64 = (old_cap + tpb - 1) // tpb
+        new_nb: i64 = (cap + tpb - 1) // tpb
+        begs, ends, extra = self._plan_scratch(cap, hist)
+        if new_nb > old_nb:
+            if not self._grow(old_nb, new_nb, hist, begs, ends, extra):
+                return False
+        else:
+            storage = ctx.storage
+            for pg in range(storage.num_pool_groups):
+                if extra[pg] > 0 and storage.capacity(0, pg) < extra[pg]:
+                    return False
+            for pg in range(storage.num_pool_groups):
+                if extra[pg] > 0 and not storage.make_room(0, pg, extra[pg]):
+                    return False
+            if new_nb < old_nb:
+                self._shrink(new_nb)
+        self._apply_scratch(begs, ends)
+        self._capacity = cap
+        if hist > self._history:
+            self._raise_history(hist)
+        return True
+
+    def _grow_need(
+        self, old_nb: i64, new_nb: i64, hist: i64, sbeg: list[int] | None = None, send: list[int] | None = None
+    ) -> list[int]:
+        """Fresh level-0 pages per pool group that growing from old_nb to new_nb blocks takes
+        (blocks stale at `hist` and scratch blocks take none)."""
         ctx = self._ctx
         need: list[int] = [0] * ctx.storage.num_pool_groups
         for lg in range(ctx.num_groups):
@@ -313,20 +485,36 @@ class KVCache:
             if ctx.windowed[lg]:
                 s = lc.stale_beg(hist)
                 e = lc.stale_end(hist)
+                sb: i64 = 0
+                se: i64 = 0
+                if sbeg is not None and send is not None:
+                    sb = sbeg[lg]
+                    se = send[lg]
                 cnt: i64 = 0
                 for b in range(old_nb, new_nb):
-                    if not s <= b < e:
+                    if not (s <= b < e or sb <= b < se):
                         cnt += 1
                 need[ctx.lg_pool_group[lg]] += cnt
             else:
                 need[ctx.lg_pool_group[lg]] += new_nb - old_nb
         return need
 
-    def _grow(self, old_nb: i64, new_nb: i64, hist: i64) -> bool:
+    def _grow(
+        self,
+        old_nb: i64,
+        new_nb: i64,
+        hist: i64,
+        sbeg: list[int] | None = None,
+        send: list[int] | None = None,
+        extra: list[int] | None = None,
+    ) -> bool:
         ctx = self._ctx
         storage = ctx.storage
         num_pg = storage.num_pool_groups
-        need = self._grow_need(old_nb, new_nb, hist)
+        need = self._grow_need(old_nb, new_nb, hist, sbeg, send)
+        if extra is not None:
+            for pg in range(num_pg):
+                need[pg] += extra[pg]
         for pg in range(num_pg):
             if need[pg] > 0 and storage.capacity(0, pg) < need[pg]:
                 return False
@@ -353,13 +541,32 @@ class KVCache:
             pages = self._pages[lg]
             buf = self._index_bufs[lg]
             got: i64 = 0
-            if buf is None and self._priority_callback is None:
-                # Common case: fresh pages in batches around the stale range, nobody to notify.
-                if not windowed:
-                    s = new_nb
-                    e = new_nb
-                lo = min(max(old_nb, s), new_nb)
-                hi = min(max(old_nb, e), new_nb)
+            # Scratch blocks (SPEC 4.8) get no page either.
+            sb: i64 = 0
+            se: i64 = 0
+            if windowed and sbeg is not None and send is not None:
+                sb = sbeg[lg]
+                se = send[lg]
+            fast = buf is None and self._priority_callback is None
+            if not windowed:
+                s = new_nb
+                e = new_nb
+            lo = min(max(old_nb, s), new_nb)
+            hi = min(max(old_nb, e), new_nb)
+            if se > sb:
+                slo = min(max(old_nb, sb), new_nb)
+                shi = min(max(old_nb, se), new_nb)
+                if shi > slo:
+                    if hi <= lo:
+                        lo = slo
+                        hi = shi
+                    elif slo <= hi and lo <= shi:
+                        lo = min(lo, slo)
+                        hi = max(hi, shi)
+                    else:
+                        fast = False
+            if fast:
+                # Common case: fresh pages in batches around the page-less range, nobody to notify.
                 pages = storage.new_locked_pages(pgid, lg, DEFAULT_PRIORITY, lo - old_nb, pages)
                 for _ in range(lo, hi):
                     pages = append(pages, NIL)
@@ -367,7 +574,7 @@ class KVCache:
                 got = (lo - old_nb) + (new_nb - hi)
             else:
                 for b in range(old_nb, new_nb):
-                    if windowed and s <= b < e:
+                    if windowed and (s <= b < e or sb <= b < se):
                         pages = append(pages, NIL)
                         if buf is not None:
                             buf[b] = BAD_PAGE_INDEX
@@ -401,11 +608,14 @@ class KVCache:
             self._pages[lg] = pages[:new_nb]
 
     def _raise_history(self, hist: i64) -> None:
-        """Sets history and releases the SWA pages that just became stale."""
+        """Sets history and releases the SWA pages that just became stale; scratch ranges
+        shrink with it (their slots are freed once a range empties)."""
         self._history = hist
         ctx = self._ctx
         if len(ctx.swa_groups) == 0:
             return
+        if self._scr_any:
+            self._shrink_scratch(hist)
         for lg in ctx.swa_groups:
             lc = ctx.life_cycles[lg]
             e = lc.stale_end(hist)
@@ -427,6 +637,36 @@ class KVCache:
                     else:
                         storage.release_hold(p)
             self._stale_end[lg] = e
+
+    def _shrink_scratch(self, hist: i64) -> None:
+        """History rose at the same capacity: the scratch ranges only shrink (no allocation)."""
+        ctx = self._ctx
+        begs: list[int] = [0] * ctx.num_groups
+        ends: list[int] = [0] * ctx.num_groups
+        for lg in ctx.swa_groups:
+            b, e = self._scratch_range(lg, self._capacity, hist)
+            # Never grow a range here; it may only lose blocks from its front.
+            if b < self._scr_beg[lg]:
+                b = self._scr_beg[lg]
+            if e > self._scr_end[lg]:
+                e = self._scr_end[lg]
+            if e < b:
+                e = b
+            begs[lg] = b
+            ends[lg] = e
+        if self._status == ACTIVE:
+            self._apply_scratch(begs, ends)
+            return
+        any_range = False
+        for lg in ctx.swa_groups:
+            if ends[lg] > begs[lg]:
+                self._scr_beg[lg] = begs[lg]
+                self._scr_end[lg] = ends[lg]
+                any_range = True
+            else:
+                self._scr_beg[lg] = 0
+                self._scr_end[lg] = 0
+        self._scr_any = any_range
 
     # ---- commit ----------------------------------------------------------------------------------
     def commit(self, tokens: Sequence[TokenIdExt]) -> None:
@@ -503,6 +743,9 @@ class KVCache:
     def suspend(self) -> None:
         self._require_active("suspend")
         storage = self._ctx.storage
+        # Scratch slots are freed (their bytes are never needed again); the ranges stay and
+        # get fresh slots on resume.
+        self._release_scratch_slots()
         if storage.last_level > 0:
             # With a colder level, HELD pages become evictable (they may move, never be dropped).
             for lg in range(self._ctx.num_groups):
@@ -557,7 +800,13 @@ class KVCache:
         (cap, hist) takes: its pages still below level 0, its copy-on-write copies, new blocks."""
         ctx = self._ctx
         table = ctx.storage.pages
-        need = self._grow_need(div_up(self._capacity, self._tpb), div_up(cap, self._tpb), hist)
+        if self._scratch_on and len(ctx.swa_groups) > 0:
+            begs, ends, extra = self._plan_scratch(cap, hist)
+            need = self._grow_need(div_up(self._capacity, self._tpb), div_up(cap, self._tpb), hist, begs, ends)
+            for pg in range(len(need)):
+                need[pg] += extra[pg]
+        else:
+            need = self._grow_need(div_up(self._capacity, self._tpb), div_up(cap, self._tpb), hist)
         cow = self._cow_block
         for lg in range(ctx.num_groups):
             pl = self._pages[lg]
@@ -600,6 +849,13 @@ class KVCache:
             for lg in range(ctx.num_groups):
                 if self._pages[lg][cow] != NIL:
                     cow_need[ctx.lg_pool_group[lg]] += 1
+        if self._scr_any:
+            # Scratch slots were freed on suspend; the ranges get fresh ones (made room for
+            # together with the copy-on-write copies, after the promotion).
+            for lg in ctx.swa_groups:
+                n_scr: i64 = self._scr_end[lg] - self._scr_beg[lg]
+                if n_scr > 0:
+                    cow_need[ctx.lg_pool_group[lg]] += ctx.layout.layer_groups[lg].scratch_slots(n_scr)
         if sum(need) + sum(cow_need) > 0:
             for p in mine:
                 storage.pin(p)
@@ -642,6 +898,8 @@ class KVCache:
                     storage.hold_to_lock(p)
                     if buf is not None:
                         buf[b] = table.slot[p]
+        if self._scr_any:
+            self._apply_scratch([x for x in self._scr_beg], [x for x in self._scr_end])
         self._status = ACTIVE
         return True
 
@@ -668,6 +926,8 @@ class KVCache:
         self.stop_committing()
         storage = self._ctx.storage
         active = self._status == ACTIVE
+        self._release_scratch_slots()
+        self._scr_any = False
         for lg in range(self._ctx.num_groups):
             pages = self._pages[lg]
             # Tail first: the least recently released pages are evicted first, and losing a

@@ -193,6 +193,12 @@ class KVCacheManager:
                 if f_hist is None:
                     raise ValueError(f"{where}.capacity {cap} is below the reused length {n}")
                 raise ValueError(f"{where}.history_length {hist} exceeds capacity {cap}")
+            if ctx.scratch_on and ctx.swa_groups and cap != n and hist > n:
+                # The scratch resize protocol (SPEC 4.8) seen from the member's reused state.
+                raise ValueError(
+                    f"{where}.history_length {hist}: with SWA scratch reuse a member that changes its "
+                    f"capacity needs history_length <= its reused length {n}"
+                )
             scopes.append(scope)
             seqs.append(seq)
             matches.append(match)
@@ -343,8 +349,17 @@ class KVCacheManager:
                         need[pg] += 1
                 hs = lc.stale_beg(hists[i])
                 he = lc.stale_end(hists[i])
+                # SWA scratch blocks (SPEC 4.8) take their shared scratch slots instead of pages.
+                ss = 0
+                se = 0
+                if ctx.scratch_on and ctx.windowed[lg]:
+                    x = max(0, caps[i] - ctx.max_rewind)
+                    ss = max(lc.stale_beg(x), div_up(hists[i], tpb))
+                    se = min(lc.stale_end(x), new_nb)
+                    if se > ss:
+                        need[pg] += self._layout.layer_groups[lg].scratch_slots(se - ss)
                 for b in range(nb, new_nb):
-                    if not (ctx.windowed[lg] and hs <= b < he):
+                    if not (ctx.windowed[lg] and (hs <= b < he or ss <= b < se)):
                         need[pg] += 1
         # Claimed pages per (level, pool group): how many are evictable now, how many of those HELD.
         cl_listed = [0] * (nlv * npg)
@@ -430,8 +445,12 @@ class KVCacheManager:
         return g
 
     def supports_index_mode(self, mode: PageIndexMode) -> bool | None:
+        """True for both modes, except SHARED with swa_scratch_reuse configured: None then
+        (scratch blocks need PER_LAYER; ask each cache's `supports_index_mode`)."""
         if not isinstance(mode, PageIndexMode):
             raise TypeError("mode must be a PageIndexMode")
+        if mode is PageIndexMode.SHARED and self._ctx.scratch_on:
+            return None
         return True
 
     def get_mem_pool_base_address(
@@ -441,6 +460,11 @@ class KVCacheManager:
         bl = self._buffer(layer_id, role)
         if index_mode is not None and not isinstance(index_mode, PageIndexMode):
             raise TypeError("index_mode must be a PageIndexMode or None")
+        if index_mode is None and self._ctx.scratch_on:
+            raise ValueError(
+                "index_mode: with swa_scratch_reuse configured the default (SHARED) is ambiguous; pass "
+                "PageIndexMode.PER_LAYER (or an explicit SHARED for caches without scratch slots)"
+            )
         pg = self._layout.layer_groups[bl.layer_group].pool_group
         base = self._ctx.storage.pool_addresses[pg][bl.pool_index]
         if index_mode is PageIndexMode.PER_LAYER:

@@ -68,6 +68,21 @@ class LayerGroupLayout:
     def slot_size(self) -> int:
         return sum(p.record_size for p in self.pools)
 
+    def scratch_slots(self, num_blocks: int) -> int:
+        """Scratch slots `num_blocks` scratch blocks of this group share (SPEC 4.8):
+        ceil(n x frac), frac = max over layers L and pools P of (buffers of L in P) / scale(P).
+        Computed exactly as the max over buffers of ceil(n x scratch_pages_per_block / scale)."""
+        if num_blocks <= 0:
+            return 0
+        out = 0
+        for p in self.pools:
+            scale = len(p.buffers)
+            for b in p.buffers:
+                k = -(-(num_blocks * b.scratch_pages_per_block) // scale)
+                if k > out:
+                    out = k
+        return out
+
     def pool_signature(self) -> tuple[tuple[int, int], ...]:
         return tuple((p.expanded_size, p.scale) for p in self.pools)
 
