@@ -174,3 +174,41 @@ def test_no_key_tokens_never_shares(make_manager: MakeManager) -> None:
     b2 = cmgr.create_kv_cache(input_tokens=keys)
     assert b2.num_committed_tokens == L
     b2.close()
+
+
+def test_cross_caches_through_batch_admission(make_manager: MakeManager) -> None:
+    """create_kv_caches works for cross caches too: a member sized to L (capacity = L) reuses
+    the encoder output of an earlier request with the same key tokens, a new one is sized fresh;
+    after the sizing a capacity change is a LogicError."""
+    from kv_cache_manager_v2 import KVCacheRequest
+
+    cmgr, ceng = _cross(make_manager, quota=8 << 20)
+    keys = _keys()
+    a = cmgr.create_kv_cache(input_tokens=keys)
+    _encode(ceng, a, keys)
+    a.close()
+    ceng.forget(a)
+    other = _keys(base=70000)
+    got = cmgr.create_kv_caches(
+        [KVCacheRequest(input_tokens=keys), KVCacheRequest(input_tokens=other, history_length=0)]
+    )
+    assert all(kv is not None for kv in got)
+    same, fresh = got
+    assert same is not None and fresh is not None
+    assert same.is_active and same.capacity == L and same.num_committed_tokens == L
+    assert same.num_blocks == NB and all(i >= 0 for i in same.get_base_page_indices(0))
+    ceng.verify(same, keys)
+    assert same.resize(L, L)  # the sizing at the current capacity is always allowed
+    with pytest.raises(LogicError):
+        same.resize(L + 32, L + 32)
+    assert same.capacity == L
+    assert fresh.is_active and fresh.capacity == L and fresh.num_committed_tokens == 0
+    assert fresh.resize(L, L)  # its sizing
+    ceng.forward([Step(fresh, other, [])])
+    fresh.commit(other)
+    ceng.verify(fresh, other)
+    with pytest.raises(LogicError):
+        fresh.resize(L - 32, L - 32)
+    for kv in (same, fresh):
+        kv.close()
+        ceng.forget(kv)
