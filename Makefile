@@ -1,6 +1,6 @@
 # kv_cache_manager_v2 build/test entry points.
 #
-#   make dev        .venv + editable install (dev mode, interpreted) + rawref built
+#   make dev        .venv + editable install (dev mode, interpreted) + rawref, hostcopy built
 #   make build      compile the package with mypyc IN PLACE (production mode in the tree)
 #   make compiled   compiled copy of the package in build/compiled/ (tree stays in dev mode)
 #   make test       mypy --strict, test suite in dev mode, then in compiled mode (build/compiled)
@@ -21,6 +21,7 @@ COMPILED_STAMP := $(COMPILED)/.stamp
 
 PKG_SOURCES := $(shell find kv_cache_manager_v2 -name '*.py' -not -path '*/__pycache__/*' 2>/dev/null)
 RAWREF_SOURCES := $(wildcard rawref/*.c rawref/*.h rawref/*.py rawref/*.pyi)
+HOSTCOPY_SOURCES := $(wildcard hostcopy/*.c hostcopy/*.py hostcopy/*.pyi)
 
 # copytree SRC DST: replace DST by a copy of SRC without caches/build products
 # (python instead of rsync: a fresh machine may not have rsync).
@@ -38,7 +39,7 @@ all: dev
 # dev mode
 # ---------------------------------------------------------------------------
 
-$(DEV_STAMP): pyproject.toml setup.py $(RAWREF_SOURCES)
+$(DEV_STAMP): pyproject.toml setup.py $(RAWREF_SOURCES) $(HOSTCOPY_SOURCES)
 	@echo "== setting up $(VENV) (dev mode) =="
 	@if [ ! -x $(PYTHON) ]; then \
 	    $(PY) -m venv $(VENV) || { \
@@ -52,7 +53,7 @@ $(DEV_STAMP): pyproject.toml setup.py $(RAWREF_SOURCES)
 
 dev: $(DEV_STAMP)
 	@$(MAKE) --no-print-directory clean-inplace
-	@$(PYTHON) -c 'import rawref._rawref'
+	@$(PYTHON) -c 'import rawref._rawref, hostcopy._hostcopy'
 	@echo "dev mode ready ($(PYTHON))"
 
 # remove compiled artifacts built in place so the tree runs interpreted
@@ -77,6 +78,7 @@ $(COMPILED_STAMP): $(DEV_STAMP) $(PKG_SOURCES) setup_mypyc.py pyproject.toml
 	@mkdir -p $(COMPILED)
 	@$(COPYTREE) kv_cache_manager_v2 $(COMPILED)/kv_cache_manager_v2 '*.so' '*.pyd' '*.c'
 	@$(COPYTREE) rawref $(COMPILED)/rawref
+	@$(COPYTREE) hostcopy $(COMPILED)/hostcopy
 	@cp setup_mypyc.py pyproject.toml $(COMPILED)/
 	@rm -f $(COMPILED)/*__mypyc*.so
 	cd $(COMPILED) && $(ABS_PYTHON) setup_mypyc.py build_ext --inplace
@@ -86,7 +88,7 @@ $(COMPILED_STAMP): $(DEV_STAMP) $(PKG_SOURCES) setup_mypyc.py pyproject.toml
 # (`make bench` passes --compiled-dir), and tests that look for them walk up from
 # tests/ to the repository's benchmarks/, whose dev mode must be the source tree.
 compiled: $(COMPILED_STAMP)
-	@for d in fake_engine tests rawref; do \
+	@for d in fake_engine tests rawref hostcopy; do \
 	    if [ -d $$d ]; then $(COPYTREE) $$d $(COMPILED)/$$d; fi; \
 	done
 	@rm -rf $(COMPILED)/benchmarks
@@ -129,7 +131,7 @@ bench: dev
 clean: clean-inplace
 	rm -rf build .mypy_cache .pytest_cache .hypothesis *.egg-info
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
-	rm -f rawref/*.so rawref/*.pyd
+	rm -f rawref/*.so rawref/*.pyd hostcopy/*.so hostcopy/*.pyd
 	rm -f $(DEV_STAMP)
 
 distclean: clean

@@ -1,4 +1,4 @@
-"""Declares the ``rawref`` C extension; all other metadata lives in pyproject.toml."""
+"""Declares the C extensions (``rawref``, ``hostcopy``); all other metadata lives in pyproject.toml."""
 
 from setuptools import Extension, setup
 
@@ -7,6 +7,11 @@ setup(
         Extension(
             "rawref._rawref",
             sources=["rawref/rawref.c"],
-        )
+        ),
+        Extension(
+            "hostcopy._hostcopy",
+            sources=["hostcopy/hostcopy.c"],
+            extra_compile_args=["-O2"],
+        ),
     ]
 )

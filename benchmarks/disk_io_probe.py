@@ -6,7 +6,7 @@ host buffer and a DiskLevel (checksummed, batched on its thread pool), and the s
 a plain sequential `os.pwrite`/`os.preadv` loop of one record per call to a file in the same
 directory, no checksum. Each repetition uses fresh files and runs both back to back (order
 alternating), so both see the same page-cache state (nothing is dropped: with enough RAM the
-reads are served from the page cache). Also measures the checksum alone (the salted CRC-32 the disk level uses, over
+reads are served from the page cache). Also measures the checksum alone (the salted XXH3-64 the disk level uses, over
 records). Prints a table; `--json FILE` writes the figures.
 
     PYTHONPATH=. python benchmarks/disk_io_probe.py [--dir DIR] [--size BYTES] [--record BYTES]
@@ -33,7 +33,7 @@ GB = 1e9
 
 
 def checksum_gbps(buf: memoryview, record: int, threads: int) -> float:
-    key = os.urandom(16)
+    key = int.from_bytes(os.urandom(8), "little")
     n = len(buf) // record
 
     def part(lo: int, hi: int) -> None:
@@ -154,7 +154,7 @@ def main() -> None:
           f"{med['level_write_scattered']:>12.2f}{med['level_read_scattered']:>12.2f}")
     print(f"{'DiskLevel / raw (contiguous)':<44}{med['level_write'] / med['raw_write']:>11.0%} "
           f"{med['level_read'] / med['raw_read']:>11.0%}")
-    print(f"checksum (salted CRC-32, {record >> 10} KiB records): {cs1:.2f} GB/s on 1 thread, "
+    print(f"checksum (salted XXH3-64, {record >> 10} KiB records): {cs1:.2f} GB/s on 1 thread, "
           f"{csn:.2f} GB/s on {min(args.threads, cores)} threads")
     if args.json:
         out = {"size": size, "record": record, "io_threads": args.threads, "cpus": cores,

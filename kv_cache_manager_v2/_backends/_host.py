@@ -7,8 +7,15 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+from typing import Final
+
+from hostcopy import copy_runs
 
 from .._exceptions import OutOfMemoryError
+
+# madvise(2) advice that commits memory without writing it (Linux >= 5.14; the mmap module of
+# some Python versions does not name it).
+MADV_POPULATE_WRITE: Final = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
 class HostAllocation:
@@ -28,6 +35,7 @@ class HostAllocation:
                 self._map = mmap.mmap(-1, size, flags=flags)
             except OSError as e:  # pragma: no cover - depends on the machine
                 raise OutOfMemoryError(f"host allocation of {size} bytes failed: {e}") from e
+            _advise_huge_pages(self._map)
             self._view = (ctypes.c_char * size).from_buffer(self._map)
             self.address = ctypes.addressof(self._view)
 
@@ -37,7 +45,14 @@ class HostAllocation:
         end = min(end, self.size)
         if self._map is None or start >= end:
             return
-        ctypes.memset(self.address + start, 0, end - start)
+        page = mmap.PAGESIZE
+        lo = start // page * page
+        try:
+            # One call that faults the range in without writing it (Linux >= 5.14): with huge
+            # pages about 10x faster than touching it; older kernels refuse it (EINVAL).
+            self._map.madvise(MADV_POPULATE_WRITE, lo, end - lo)
+        except OSError:
+            ctypes.memset(self.address + start, 0, end - start)
 
     def discard_from(self, offset: int) -> None:
         """Returns the memory past `offset` to the OS; the addresses stay reserved (zero-filled)."""
@@ -57,6 +72,19 @@ class HostAllocation:
         self.address = 0
 
 
+def _advise_huge_pages(m: mmap.mmap) -> None:
+    """Asks for transparent huge pages where the kernel offers them on request: committing and
+    releasing memory (quota growth and shrink) then takes a fault / a free per 2 MiB instead of
+    per 4 KiB, and copies miss the TLB less. Only advice: refused or unsupported is fine."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None:
+        return
+    try:
+        m.madvise(advice)
+    except OSError:
+        pass
+
+
 class HostBackend:
     name = "host"
 
@@ -64,22 +92,12 @@ class HostBackend:
         return HostAllocation(size)
 
     def copy(self, dst: int, src: int, size: int) -> None:
-        ctypes.memmove(dst, src, size)
+        copy_runs([dst], [src], [size])
 
     def copy_batch(self, dsts: list[int], srcs: list[int], sizes: list[int]) -> None:
-        """Copies runs in order; adjacent runs are merged so large moves reach memory bandwidth."""
-        n = len(dsts)
-        i = 0
-        while i < n:
-            d = dsts[i]
-            s = srcs[i]
-            size = sizes[i]
-            j = i + 1
-            while j < n and dsts[j] == d + size and srcs[j] == s + size:
-                size += sizes[j]
-                j += 1
-            ctypes.memmove(d, s, size)
-            i = j
+        """Copies runs in order in one call without the GIL (hostcopy): runs that continue each
+        other are merged, and large batches use streaming stores (see hostcopy/hostcopy.c)."""
+        copy_runs(dsts, srcs, sizes)
 
 
 def cuda_device_usable() -> bool:
