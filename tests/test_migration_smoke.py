@@ -69,6 +69,7 @@ def test_round_trip_both_variants(bench: Any, tmp_path: Path) -> None:
     for key in BASELINES:
         assert _finite_positive(res[key]), key
     assert _finite_positive(res["release_seconds"])
+    assert _finite_positive(res["release_huge_seconds"])
     assert set(res["variants"]) == {"as-is", "prefaulted"}
     for name, fig in res["variants"].items():
         assert fig["variant"] == name
