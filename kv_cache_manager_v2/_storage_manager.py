@@ -633,6 +633,24 @@ class StorageManager:
             elif self.last_level > 0:
                 self.relist(p)
 
+    def release_all_reversed(self, plist: vec[i64], locked: bool) -> None:
+        """release_lock() (or, not `locked`, release_hold()) of every page of plist, last first:
+        what close() does. A page other caches still use only loses a count here, without a
+        call: on a shared prefix that is most pages."""
+        pages = self.pages
+        counts = pages.locks if locked else pages.holds
+        for b in range(len(plist) - 1, -1, -1):
+            p = plist[b]
+            if p == NIL:
+                continue
+            n = counts[p]
+            if n > 1 and not pages.listed[p]:
+                counts[p] = n - 1  # still referenced by that kind: nothing else changes
+            elif locked:
+                self.release_lock(p)
+            else:
+                self.release_hold(p)
+
     def release_hold(self, p: i64) -> None:
         pages = self.pages
         listed = pages.listed[p]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from librt.vecs import append, vec
 from mypy_extensions import i64
 
@@ -42,11 +44,13 @@ class TokenStore:
     def extend_checked(self, tokens: list[TokenIdExt], name: str) -> None:
         """Validates and appends every token; on a bad token raises with nothing appended."""
         ids = self.ids
-        n = len(tokens)
+        objs = cast("list[object]", tokens)  # no union check per read (see _tokens.py)
+        n = len(objs)
         for i in range(n):
-            t = tokens[i]
-            if type(t) is int:
-                assert isinstance(t, int)
+            o = objs[i]
+            if type(o) is int:
+                assert isinstance(o, int)
+                t: int = o
                 if 0 <= t < TOKEN_ID_LIMIT:
                     ids = append(ids, t)
                     continue

@@ -929,16 +929,9 @@ class KVCache:
         self._release_scratch_slots()
         self._scr_any = False
         for lg in range(self._ctx.num_groups):
-            pages = self._pages[lg]
             # Tail first: the least recently released pages are evicted first, and losing a
             # chain's tail keeps its prefix reusable while losing its head loses everything.
-            for b in range(len(pages) - 1, -1, -1):
-                p = pages[b]
-                if p != NIL:
-                    if active:
-                        storage.release_lock(p)
-                    else:
-                        storage.release_hold(p)
+            storage.release_all_reversed(self._pages[lg], active)
             self._pages[lg] = vec[i64]()
             buf = self._index_bufs[lg]
             if buf is not None:
