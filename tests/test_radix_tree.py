@@ -878,3 +878,16 @@ def test_random_workload_under_eviction(seed: int, window: int | None, sinks: in
         kv.close()
     m.clear_reusable_blocks()
     assert all(s.free == s.total for s in m.get_storage_statistics(0))
+
+
+def test_mixed_block_next_to_an_int_block_with_the_same_prefix() -> None:
+    """Siblings that differ only in the last token, an int in one and a digest in the other:
+    each matches itself, a third digest matches neither in full."""
+    m, _ = _manager(layers=[attention(0)])
+    ints = _ints(TPB, 43)
+    mixed: list[Tok] = ints[:-1] + [_digest(1)]
+    _prefill(m, ints)
+    _prefill(m, mixed)
+    assert m.probe_reuse(None, ints) == TPB and m.probe_reuse(None, mixed) == TPB
+    assert m.probe_reuse(None, ints[:-1] + [_digest(2)]) == TPB - 1  # partial, via a sibling
+    m.check_invariants()
