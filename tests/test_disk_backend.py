@@ -95,6 +95,47 @@ def test_round_trip_contiguous_and_scattered(level: DiskLevel, rng: random.Rando
     check_same(src, perm, dst2, list(range(n)))
 
 
+def test_gathered_runs_past_the_iovec_limit(tmp_path: Path, rng: random.Random) -> None:
+    """Consecutive slots from (and back into) scattered host records: one vectored call per
+    run, split at 1024 buffers; every byte round-trips."""
+    n = 1100
+    lv = DiskLevel(str(tmp_path), SIZES, n, io_threads=2)
+    try:
+        lv.max_run_bytes = 1 << 30
+        src = Host(n, SIZES)
+        src.fill_random(rng)
+        perm = list(range(n))
+        rng.shuffle(perm)
+        slots = list(range(n))
+        runs = lv._plan(slots, src.addrs(perm), [0] * n, 0, -1, None)
+        assert [(r.pool, len(r.slots), r.segments) for r in runs] == [
+            (0, 1024, 1024), (0, n - 1024, n - 1024), (1, 1024, 1024), (1, n - 1024, n - 1024)]
+        assert lv.write(slots, src.addrs(perm)) == [True] * n  # slot s <- host record perm[s]
+        back = list(range(n))
+        rng.shuffle(back)
+        dst = Host(n, SIZES)
+        dst.fill(0)
+        assert lv.read(slots, dst.addrs(back)) == [True] * n  # slot s -> host record back[s]
+        for s in range(n):
+            for i in range(len(SIZES)):
+                assert dst.record(back[s], i) == src.record(perm[s], i), (s, i)
+    finally:
+        lv.close()
+
+
+def test_buffer_list_split_for_partial_transfers() -> None:
+    """The retry after a short vectored transfer continues exactly where it stopped."""
+    from kv_cache_manager_v2._backends._disk import _after_bytes, _first_bytes
+
+    data = bytearray(range(30))
+    views = [memoryview(data)[0:10], memoryview(data)[10:12], memoryview(data)[12:30]]
+    for k in range(31):
+        first = b"".join(bytes(v) for v in _first_bytes(views, k))
+        rest = b"".join(bytes(v) for v in _after_bytes(views, k))
+        assert first == bytes(data[:k]) and rest == bytes(data[k:]), k
+        assert all(len(v) > 0 for v in _first_bytes(views, k) + _after_bytes(views, k))
+
+
 def test_partly_coalesced_batches(tmp_path: Path, rng: random.Random) -> None:
     lv = DiskLevel(str(tmp_path), SIZES, 200, io_threads=4)
     try:
@@ -477,15 +518,22 @@ def test_plan_coalesces_contiguous_runs(tmp_path: Path) -> None:
         # Contiguous slots and addresses: one run per pool.
         runs = lv._plan(list(range(n)), h.addrs(list(range(n))), none, 0, -1, None)
         assert [(r.pool, len(r.slots)) for r in runs] == [(0, n), (1, n)]
-        assert runs[0].offset == 0 and runs[0].addr == h.addr(0, 0)
+        assert runs[0].offset == 0 and runs[0].addrs == [h.addr(j, 0) for j in range(n)]
+        assert runs[0].segments == 1
         # Listed in reverse order: sorted first, still one run per pool.
         rev = list(reversed(range(n)))
         runs = lv._plan(rev, h.addrs(rev), none, 0, -1, None)
         assert [(r.pool, r.slots) for r in runs] == [(0, list(range(n))), (1, list(range(n)))]
-        # A break in the host addresses splits the run; so does a gap in the slot ids.
+        # A break in the host addresses adds a buffer to the run (gathered by one vectored
+        # call); a gap in the slot ids splits it.
         js = list(range(10)) + list(range(11, 21))
         runs = lv._plan(list(range(n)), h.addrs(js), none, 0, -1, None)
-        assert [len(r.slots) for r in runs] == [10, 10, 10, 10]
+        assert [(len(r.slots), r.segments) for r in runs] == [(n, 2), (n, 2)]
+        perm = list(range(n))
+        random.Random(5).shuffle(perm)
+        runs = lv._plan(list(range(n)), h.addrs(perm), none, 0, -1, None)
+        assert [len(r.slots) for r in runs] == [n, n]
+        assert runs[0].addrs == [h.addr(j, 0) for j in perm]
         slots = list(range(10)) + list(range(30, 40))
         runs = lv._plan(slots, h.addrs(list(range(n))), none, 0, -1, None)
         assert [len(r.slots) for r in runs] == [10, 10, 10, 10]

@@ -10,9 +10,12 @@ salt), kept in memory only. A read reports success for a slot only when every re
 read in full and hashes to the checksum of its last successful write, so bytes from a failed or partial
 write, a corrupted file, or a file a previous process left behind are never reported as good.
 
-I/O is batched: runs of consecutive slot ids whose host addresses are contiguous too become one
-`pwrite`/`preadv` per pool file (capped at `max_run_bytes` so a large batch spreads over the
-threads), and the runs are spread over a thread pool created once. `os.pwrite` and `os.preadv`
+I/O is batched: a run of consecutive slot ids becomes one `pwritev`/`preadv` per pool file,
+gathering from (scattering to) wherever its records live in host memory, one buffer per
+contiguous stretch (capped at `max_run_bytes` so a large batch spreads over the threads, and at
+`IOV_MAX` buffers), and the runs are spread over a thread pool created once. Pages evicted
+together land in consecutive free slots, so an eviction of scattered host pages is still a few
+large writes. `os.pwrite` and `os.preadv`
 release the GIL, so one run's I/O overlaps another's hashing (which runs at ~20 GB/s). Host memory is
 addressed through ctypes arrays over the caller's addresses: no copy through Python bytes.
 
@@ -49,6 +52,8 @@ def _record_sum(salt: int, data: memoryview) -> int:
 
 
 DEFAULT_MAX_RUN_BYTES: Final = 4 << 20
+# Most buffers one vectored call takes (the kernel's IOV_MAX; 1024 on Linux).
+_MAX_IOV: Final = 1024
 # The checksum of a slot whose content is not valid (never written, failed, invalidated).
 _NO_SUM: Final = -1
 _OPEN_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -58,6 +63,48 @@ _NAME_ATTEMPTS: Final = 16
 def _host_view(addr: int, size: int) -> memoryview:
     """A writable byte view over `size` bytes of host memory at `addr` (no copy)."""
     return memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
+
+
+def _run_views(run: _Run) -> tuple[list[memoryview], list[memoryview]]:
+    """(one view per contiguous stretch of the run's host memory, one view per record)."""
+    rs = run.record_size
+    addrs = run.addrs
+    views: list[memoryview] = []
+    records: list[memoryview] = []
+    i = 0
+    while i < len(addrs):
+        j = i + 1
+        while j < len(addrs) and addrs[j] == addrs[j - 1] + rs:
+            j += 1
+        v = _host_view(addrs[i], (j - i) * rs)
+        views.append(v)
+        for r in range(j - i):
+            records.append(v[r * rs:(r + 1) * rs])
+        i = j
+    return views, records
+
+
+def _first_bytes(views: list[memoryview], k: int) -> list[memoryview]:
+    """The buffers covering the first k bytes of `views`."""
+    out: list[memoryview] = []
+    for v in views:
+        if k <= 0:
+            break
+        out.append(v[:k])
+        k -= len(v)
+    return out
+
+
+def _after_bytes(views: list[memoryview], k: int) -> list[memoryview]:
+    """The buffers covering everything after the first k bytes of `views`."""
+    out: list[memoryview] = []
+    for v in views:
+        if k >= len(v):
+            k -= len(v)
+            continue
+        out.append(v[k:] if k > 0 else v)
+        k = 0
+    return out
 
 
 class DiskFaults:
@@ -166,16 +213,17 @@ class DiskFaults:
 
 
 class _Run:
-    """Consecutive records of one pool file, contiguous on disk and in host memory."""
+    """Consecutive records of one pool file (contiguous on disk; anywhere in host memory)."""
 
-    __slots__ = ("pool", "offset", "addr", "record_size", "ks", "slots", "fault", "err",
+    __slots__ = ("pool", "offset", "addrs", "segments", "record_size", "ks", "slots", "fault", "err",
                  "done", "digests", "expected", "ok", "mismatches")
 
-    def __init__(self, pool: int, offset: int, addr: int, record_size: int, fault: int, err: int) -> None:
+    def __init__(self, pool: int, offset: int, record_size: int, fault: int, err: int) -> None:
         self.pool = pool
         self.offset = offset
-        self.addr = addr
         self.record_size = record_size
+        self.addrs: list[int] = []  # host address of each record
+        self.segments = 0  # contiguous stretches of host memory (buffers of the vectored call)
         self.ks: list[int] = []  # batch positions, one per record, in file order
         self.slots: list[int] = []
         self.fault = fault
@@ -453,9 +501,9 @@ class DiskLevel:
         fault_pool: int,
         include: list[bool] | None,
     ) -> list[_Run]:
-        """Groups the batch into runs per pool: consecutive slot ids with contiguous host
-        addresses, capped at `max_run_bytes`; a faulty record gets a run of its own. Faults
-        apply to every pool, or to pool `fault_pool` only when it is >= 0."""
+        """Groups the batch into runs per pool: consecutive slot ids, capped at `max_run_bytes`
+        and at _MAX_IOV host stretches; a faulty record gets a run of its own. Faults apply to
+        every pool, or to pool `fault_pool` only when it is >= 0."""
         order = sorted(range(len(slots)), key=slots.__getitem__)
         if include is not None:
             order = [k for k in order if include[k]]
@@ -471,16 +519,21 @@ class DiskLevel:
                 s = slots[k]
                 a = addrs[k][pool]
                 f = fault_of[k] if pool_faulty else _FAULT_NONE
+                new_segment = a != next_addr
                 if (
                     cur is None
                     or f != _FAULT_NONE
                     or cur.fault != _FAULT_NONE
                     or s != next_slot
-                    or a != next_addr
                     or cur.length + rs > cap
+                    or (new_segment and cur.segments >= _MAX_IOV)
                 ):
-                    cur = _Run(pool, s * rs, a, rs, f, err if f == _FAULT_ERRNO else 0)
+                    cur = _Run(pool, s * rs, rs, f, err if f == _FAULT_ERRNO else 0)
                     runs.append(cur)
+                    new_segment = True
+                if new_segment:
+                    cur.segments += 1
+                cur.addrs.append(a)
                 cur.ks.append(k)
                 cur.slots.append(s)
                 next_slot = s + 1
@@ -523,20 +576,19 @@ class DiskLevel:
 
     def _write_run(self, run: _Run) -> None:
         fd = self._fds[run.pool]
-        rs = run.record_size
         n = run.length
-        view = _host_view(run.addr, n)
+        views, records = _run_views(run)
         salt = self._salt
         # Hash the source first: if it changes during the write, the read check fails (safe).
-        run.digests = [_record_sum(salt, view[j * rs:(j + 1) * rs]) for j in range(len(run.ks))]
+        run.digests = [_record_sum(salt, r) for r in records]
         fault = run.fault
         try:
             if fault == _FAULT_ERRNO:
                 raise OSError(run.err, os.strerror(run.err))
-            first = view[: n // 2] if fault != _FAULT_NONE else view
-            done = os.pwrite(fd, first, run.offset)
+            first = _first_bytes(views, n // 2) if fault != _FAULT_NONE else views
+            done = os.pwritev(fd, first, run.offset)
             if done < n and fault != _FAULT_SHORT:
-                done += os.pwrite(fd, view[done:], run.offset + done)  # retry the rest once
+                done += os.pwritev(fd, _after_bytes(views, done), run.offset + done)  # retry the rest once
             run.done = done
         except OSError as e:
             run.done = 0
@@ -546,16 +598,16 @@ class DiskLevel:
         fd = self._fds[run.pool]
         rs = run.record_size
         n = run.length
-        view = _host_view(run.addr, n)
+        views, records = _run_views(run)
         fault = run.fault
         done = 0
         try:
             if fault == _FAULT_ERRNO:
                 raise OSError(run.err, os.strerror(run.err))
-            first = view[: n // 2] if fault != _FAULT_NONE else view
-            done = os.preadv(fd, [first], run.offset)
+            first = _first_bytes(views, n // 2) if fault != _FAULT_NONE else views
+            done = os.preadv(fd, first, run.offset)
             if done < n and fault != _FAULT_SHORT:
-                done += os.preadv(fd, [view[done:]], run.offset + done)  # retry the rest once
+                done += os.preadv(fd, _after_bytes(views, done), run.offset + done)  # retry the rest once
         except OSError as e:
             done = 0
             run.err = e.errno if e.errno is not None else errno.EIO
@@ -567,7 +619,7 @@ class DiskLevel:
             if (j + 1) * rs > done:
                 ok.append(False)
                 continue
-            d = _record_sum(salt, view[j * rs:(j + 1) * rs])
+            d = _record_sum(salt, records[j])
             good = d == run.expected[j]
             if not good:
                 mismatches += 1
