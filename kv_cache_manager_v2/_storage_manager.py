@@ -295,9 +295,19 @@ class StorageManager:
                 self.unpin(v)
             return False
         dst_alloc = self.allocators[(level + 1) * self.num_pool_groups + pool_group]
-        dst_slots: list[int] = []
+        taken: list[int] = []
         for v in movers:
-            dst_slots.append(dst_alloc.take(v))
+            taken.append(dst_alloc.take(v))
+        # Pair the taken slots, ascending, with the movers in the order of their current slots:
+        # runs of neighbours stay neighbours, so the copy merges them and a disk level writes
+        # them with few calls. The movers keep their (eviction) order for everything else.
+        taken.sort()
+        by_slot = sorted(range(len(movers)), key=lambda i: pages.slot[movers[i]])
+        dst_slots = [0] * len(movers)
+        for j in range(len(by_slot)):
+            i = by_slot[j]
+            dst_slots[i] = taken[j]
+            dst_alloc.slot_page[taken[j]] = movers[i]
         results = self._copy_slots(pool_group, level, [pages.slot[v] for v in movers], level + 1, dst_slots)
         all_ok = True
         for i in range(len(movers)):

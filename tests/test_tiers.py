@@ -655,6 +655,37 @@ def test_page_keeps_identity_when_it_moves() -> None:
     h.assert_empty_after_clear()
 
 
+def _slots_on(h: Harness, level: int) -> dict[int, int]:
+    """page id -> slot of every page living on `level` (internals: the page table)."""
+    pages = h.m._ctx.storage.pages
+    return {p: pages.slot[p] for p in range(len(pages.level)) if pages.level[p] == level}
+
+
+def test_eviction_keeps_neighbours_together() -> None:
+    """Victims leave in eviction order (tails first, here 3 2 1 0 7 6 5 4 by level-0 slot), but
+    the slots they take one level colder follow their level-0 order, so the batch copies as
+    one run (pairs that are neighbours on both levels merge into one copy)."""
+    h = Harness(tiered_config(8 * SLOT, 16 * SLOT))
+    a, b = toks(150, 4 * TPB), toks(151, 4 * TPB)
+    h.close(h.start(a))
+    h.close(h.start(b))
+    before = _slots_on(h, 0)
+    assert sorted(before.values()) == list(range(8))
+    x = _need_level0(h, 8, 152)  # all eight go to the host tier in one batch
+    after = _slots_on(h, 1)
+    assert set(after) == set(before)
+    by_old = sorted(before, key=before.__getitem__)
+    assert [after[p] for p in by_old] == sorted(after.values())
+    h.close(x)
+    for t in (a, b):
+        kv = h.m.create_kv_cache(input_tokens=t)
+        assert kv.num_committed_tokens == len(t)
+        assert h.eng.resume(kv)
+        h.eng.verify(kv, t)
+        h.close(kv)
+    h.assert_empty_after_clear()
+
+
 # --------------------------------------------------------------------------------------------
 # prefetch
 # --------------------------------------------------------------------------------------------
