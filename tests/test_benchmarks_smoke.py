@@ -128,3 +128,17 @@ def test_cli_missing_compiled_dir(tmp_path: Any) -> None:
     )
     assert proc.returncode != 0
     assert "make build" in proc.stderr
+
+
+def test_callgrind_phases_runs() -> None:
+    """benchmarks/callgrind_phases.py (run under valgrind by hand) works on a tiny scale."""
+    script = os.path.join(os.path.dirname(SCRIPT), "callgrind_phases.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--config", "B", "--requests", "8", "--decode-steps", "2"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "config B: 8 requests, 2 decode steps" in proc.stdout
