@@ -21,24 +21,29 @@ NIL: Final = -1
 
 
 class PageTable:
-    def __init__(self, num_levels: int, num_pool_groups: int) -> None:
+    def __init__(self, num_levels: int, num_pool_groups: int, initial_ids: int = 0) -> None:
+        """`initial_ids` page ids exist (free) from the start: a fresh page then takes a free id
+        (a dozen stores) instead of growing a dozen vectors. The storage manager passes the
+        number of level-0 slots, which a busy manager's page table reaches anyway."""
         self.num_pool_groups: i64 = num_pool_groups
-        self.level: vec[i64] = vec[i64]()
-        self.slot: vec[i64] = vec[i64]()
-        self.pool_group: vec[i64] = vec[i64]()
-        self.layer_group: vec[i64] = vec[i64]()
-        self.locks: vec[i64] = vec[i64]()
-        self.holds: vec[i64] = vec[i64]()
+        k = initial_ids
+        self.level: vec[i64] = vec[i64]([NIL] * k)
+        self.slot: vec[i64] = vec[i64]([NIL] * k)
+        self.pool_group: vec[i64] = vec[i64]([0] * k)
+        self.layer_group: vec[i64] = vec[i64]([0] * k)
+        self.locks: vec[i64] = vec[i64]([0] * k)
+        self.holds: vec[i64] = vec[i64]([0] * k)
         # Reuse-tree node id that owns the page, or NIL for a page private to caches.
-        self.node: vec[i64] = vec[i64]()
-        self.priority: vec[i64] = vec[i64]()
-        self.prev: vec[i64] = vec[i64]()
-        self.next: vec[i64] = vec[i64]()
+        self.node: vec[i64] = vec[i64]([NIL] * k)
+        self.priority: vec[i64] = vec[i64]([0] * k)
+        self.prev: vec[i64] = vec[i64]([NIL] * k)
+        self.next: vec[i64] = vec[i64]([NIL] * k)
         # 1 while the page is in an evictable list.
-        self.listed: vec[i64] = vec[i64]()
+        self.listed: vec[i64] = vec[i64]([0] * k)
         # >0 while something (a resume in flight, a batch claim) must not see the page move.
-        self.pinned: vec[i64] = vec[i64]()
-        self.free_ids: vec[i64] = vec[i64]()
+        self.pinned: vec[i64] = vec[i64]([0] * k)
+        # Popped from the end: the lowest free id comes first.
+        self.free_ids: vec[i64] = vec[i64](range(k - 1, -1, -1))
         self.num_live: i64 = 0
         n = num_levels * num_pool_groups * NUM_PRIORITIES
         self.heads: vec[i64] = vec[i64]([NIL] * n)

@@ -35,6 +35,9 @@ KIND_DISK: Final = 1
 # HOST_RESERVE_MIN bytes), so a quota can grow without moving any pool base address.
 HOST_RESERVE_FACTOR: Final = 4
 HOST_RESERVE_MIN: Final = 64 << 20
+# The page table starts with one free page id per level-0 slot, up to this many (about 100 MB
+# of vectors; past it, ids are added one by one as pages are created).
+PREALLOCATED_PAGE_IDS_MAX: Final = 1 << 20
 
 
 class DiskStore(Protocol):
@@ -101,7 +104,8 @@ class StorageManager:
         self.num_levels: i64 = len(quotas)
         self.last_level: i64 = len(quotas) - 1
         self.num_pool_groups: i64 = len(layout.pool_groups)
-        self.pages = PageTable(len(quotas), len(layout.pool_groups))
+        level0_slots = sum(split_quota(layout, quotas[0], lg_weights, floors)) if quotas else 0
+        self.pages = PageTable(len(quotas), len(layout.pool_groups), min(level0_slots, PREALLOCATED_PAGE_IDS_MAX))
         self.allocators: list[SlotAllocator] = []
         self.levels: list[LevelStore] = []
         self.pool_addresses: list[list[int]] = []
@@ -689,13 +693,19 @@ class StorageManager:
         if self.last_level > 0 and pages.locks[p] == 0:
             self.relist(p)
 
-    def hold_to_lock(self, p: i64) -> None:
-        """Resume: one hold of p becomes a lock (p is on level 0)."""
+    def holds_to_locks(self, plist: vec[i64]) -> None:
+        """Resume: one hold of every page of plist (on level 0; NIL entries skipped) becomes a
+        lock; a held page listed as evictable leaves its list."""
         pages = self.pages
-        if pages.listed[p]:
-            pages.unlink(p)
-        pages.holds[p] -= 1
-        pages.locks[p] += 1
+        holds = pages.holds
+        locks = pages.locks
+        for p in plist:
+            if p == NIL:
+                continue
+            if pages.listed[p]:
+                pages.unlink(p)
+            holds[p] -= 1
+            locks[p] += 1
 
     def copy_page(self, dst: i64, src: i64) -> None:
         """Copies every pool record of page src into page dst (both in memory levels)."""

@@ -839,12 +839,12 @@ class KVCache:
         # Ask for priorities before anything moves: a bad callback answer changes nothing.
         cow_prios = [self._priority(cow, lg) for lg in range(ctx.num_groups)] if cow >= 0 else []
         table = storage.pages
-        mine = self._all_pages()
         need: list[int] = [0] * num_pg
         cow_need: list[int] = [0] * num_pg
-        for p in mine:
-            if table.level[p] != 0:
-                need[table.pool_group[p]] += 1
+        for lg in range(ctx.num_groups):
+            for p in self._pages[lg]:
+                if p != NIL and table.level[p] != 0:
+                    need[table.pool_group[p]] += 1
         if cow >= 0:
             for lg in range(ctx.num_groups):
                 if self._pages[lg][cow] != NIL:
@@ -857,6 +857,10 @@ class KVCache:
                 if n_scr > 0:
                     cow_need[ctx.lg_pool_group[lg]] += ctx.layout.layer_groups[lg].scratch_slots(n_scr)
         if sum(need) + sum(cow_need) > 0:
+            # Something moves or is copied: the pages are pinned for the whole operation. (A
+            # cache whose pages all sit on level 0 skips this: the usual case right after
+            # admission.)
+            mine = self._all_pages()
             for p in mine:
                 storage.pin(p)
             try:
@@ -890,13 +894,13 @@ class KVCache:
                 for p in mine:
                     storage.unpin(p)
         for lg in range(ctx.num_groups):
-            buf = self._index_bufs[lg]
             pages = self._pages[lg]
-            for b in range(len(pages)):
-                p = pages[b]
-                if p != NIL:
-                    storage.hold_to_lock(p)
-                    if buf is not None:
+            storage.holds_to_locks(pages)
+            buf = self._index_bufs[lg]
+            if buf is not None:
+                for b in range(len(pages)):
+                    p = pages[b]
+                    if p != NIL:
                         buf[b] = table.slot[p]
         if self._scr_any:
             self._apply_scratch([x for x in self._scr_beg], [x for x in self._scr_end])
