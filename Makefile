@@ -48,7 +48,7 @@ $(DEV_STAMP): pyproject.toml setup.py $(RAWREF_SOURCES) $(HOSTCOPY_SOURCES)
 	        $(PY) -m pip --python $(PYTHON) install pip; }; \
 	fi
 	$(PYTHON) -m pip install --upgrade pip "setuptools>=70" wheel
-	$(PYTHON) -m pip install --no-build-isolation -e '.[dev]'
+	$(PYTHON) -m pip install --no-build-isolation -e '.[dev,plot]'
 	@touch $@
 
 dev: $(DEV_STAMP)

@@ -35,14 +35,14 @@ def plot_timeline(result: SimulationResult, path: str) -> None:
         raise ValueError("the simulation recorded no timeline samples")
     x = [s["step"] for s in tl]
     names = result.tiers or ["gpu (level 0)"]
-    fig, (ax_hit, ax_occ) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    fig, (ax_hit, ax_occ) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
     ax_hit.plot(x, [100 * s["hit_rate"] for s in tl], color="black", linewidth=2, label="total")
     for lvl, name in enumerate(names):
         ax_hit.plot(x, [100 * s["hit_rate_by_level"][lvl] for s in tl], label=f"from {name}")
     ax_hit.set_ylabel("prefix hit rate, cumulative (%)")
     ax_hit.set_ylim(0, 100)
     ax_hit.grid(True, alpha=0.3)
-    ax_hit.legend(loc="lower right", fontsize="small")
+    ax_hit.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # outside: never over data
     ax_hit.set_title(
         f"{result.workload}\n{result.completed} requests, hit rate {100 * result.hit_rate:.1f} %, "
         f"{result.suspends} suspends, {result.preemptions} restarts",
@@ -59,7 +59,7 @@ def plot_timeline(result: SimulationResult, path: str) -> None:
     ax_occ.set_xlabel(f"engine step (sampled every {result.sample_every})")
     ax_occ.set_ylim(0, 105)
     ax_occ.grid(True, alpha=0.3)
-    ax_occ.legend(loc="lower right", fontsize="small", ncol=2)
+    ax_occ.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
