@@ -100,7 +100,8 @@ class PageTable:
 
     def link(self, p: i64) -> None:
         """Appends p to the tail (most recently released end) of its evictable list."""
-        li = self.list_index(p)
+        k = self.level[p] * self.num_pool_groups + self.pool_group[p]
+        li = k * NUM_PRIORITIES + self.priority[p]  # list_index(p), inline: the release hot path
         tail = self.tails[li]
         self.prev[p] = tail
         self.next[p] = NIL
@@ -110,7 +111,6 @@ class PageTable:
             self.next[tail] = p
         self.tails[li] = p
         self.listed[p] = 1
-        k = self.level[p] * self.num_pool_groups + self.pool_group[p]
         self.listed_count[k] += 1
         if self.holds[p] > 0:
             self.held_listed_count[k] += 1

@@ -660,6 +660,19 @@ class StorageManager:
             n = counts[p]
             if n > 1 and not pages.listed[p]:
                 counts[p] = n - 1  # still referenced by that kind: nothing else changes
+            elif (
+                locked
+                and n == 1
+                and pages.holds[p] == 0
+                and pages.node[p] != NIL
+                and pages.level[p] >= 0
+                and pages.pinned[p] == 0
+                and not pages.listed[p]
+            ):
+                # The last reference to a page the tree knows: it becomes evictable (what
+                # release_lock -> unref would do, without the two calls).
+                counts[p] = 0
+                pages.link(p)
             elif locked:
                 self.release_lock(p)
             else:
