@@ -2,8 +2,11 @@
 
 One node per committed block (shared by every layer group); a node's page per layer group
 lives in one flat vector (`node_pages[node_id * G + lg]`), so a node costs one object plus its
-lookup key. Children are found through ONE dict keyed by `parent id (8 bytes) + block tokens`:
-matching needs no hashing beyond the dict's own. The SHA-256 chain key of a block
+key (`parent id (8 bytes) + packed block tokens`). Children are found through ONE dict keyed by
+an int *bucket*, `parent id << 32 | first 4 bytes of the packed block` (the first token of an
+all-int block); nodes sharing a bucket form a chain (`next_in_bucket`). Matching a block reads
+its first token, probes the dict with an int, and compares the other tokens straight against
+the candidate's key bytes: no key object is built and nothing is hashed while matching. The SHA-256 chain key of a block
 (root = digest of the ReuseScope; key = SHA-256(parent key || token bytes)) is computed lazily,
 only when something asks for it.
 """
@@ -11,13 +14,13 @@ only when something asks for it.
 from __future__ import annotations
 
 import hashlib
-from typing import Final, Sequence
+from typing import Final, Sequence, cast
 
-from librt.strings import BytesWriter, write_i64_le
+from librt.strings import BytesWriter, read_i32_le, write_i64_le
 from librt.vecs import append, pop, vec
 from mypy_extensions import i64
 
-from ._common import TokenIdExt, div_up
+from ._common import TOKEN_ID_LIMIT, TokenIdExt, div_up
 from ._config import ReuseScope
 from ._life_cycle_registry import LifeCycle
 from ._page import NIL
@@ -30,10 +33,16 @@ from ._tokens import (
     token_bytes_of_key,
     unpack_block,
     write_int_ids,
-    write_int_tokens,
 )
 
 SCOPE_DOMAIN: Final = b"kv_cache_manager_v2/ReuseScope/v1"
+_U32: Final = 1 << 32
+_I32_MAX: Final = (1 << 31) - 1
+
+
+def _u32_at(key: bytes, offset: i64) -> i64:
+    v: i64 = i64(read_i32_le(key, offset))
+    return v + _U32 if v < 0 else v
 
 
 def scope_digest(lora_id: int, salt: int) -> bytes:
@@ -70,6 +79,9 @@ class BlockNode:
         self.alive: bool = True
         # First token when the block holds only ints (-1 otherwise): a cheap partial-match filter.
         self.first_token: i64 = first_int_token(key, num_tokens) if parent is not None else -1
+        # The tree's dict key of this node (-1 for a root), and the next node with the same one.
+        self.bucket: i64 = -1
+        self.next_in_bucket: BlockNode | None = None
 
     @property
     def block_bytes(self) -> bytes:
@@ -103,7 +115,8 @@ class BlockRadixTree:
         self.storage = storage
         self.enable_partial_reuse = enable_partial_reuse
         self.reuse_match_backoff: i64 = reuse_match_backoff
-        self.children: dict[bytes, BlockNode] = {}
+        # bucket -> first node of that bucket's chain (see the module docstring)
+        self.children: dict[int, BlockNode] = {}
         self.nodes: list[BlockNode | None] = []
         self.free_node_ids: vec[i64] = vec[i64]()
         self.node_pages: vec[i64] = vec[i64]()
@@ -138,7 +151,7 @@ class BlockRadixTree:
     def _unlink_node(self, node: BlockNode) -> None:
         parent = node.parent
         if parent is not None:
-            del self.children[node.key]
+            self._unbucket(node)
             if node.prev_sibling is None:
                 parent.first_child = node.next_sibling
             else:
@@ -154,6 +167,34 @@ class BlockRadixTree:
             self.node_pages[base + g] = NIL
         self.nodes[node.node_id] = None
         self.free_node_ids = append(self.free_node_ids, node.node_id)
+
+    def _unbucket(self, node: BlockNode) -> None:
+        head = self.children[node.bucket]
+        if head is node:
+            nxt = node.next_in_bucket
+            if nxt is None:
+                del self.children[node.bucket]
+            else:
+                self.children[node.bucket] = nxt
+        else:
+            prev = head
+            while prev.next_in_bucket is not node:
+                nx = prev.next_in_bucket
+                assert nx is not None, "a node missing from its bucket chain"
+                prev = nx
+            prev.next_in_bucket = node.next_in_bucket
+        node.next_in_bucket = None
+
+    def bucket_of(self, parent: BlockNode, key: bytes) -> i64:
+        """The dict key of the child of `parent` whose lookup key is `key`."""
+        return (parent.node_id << 32) | _u32_at(key, 8)
+
+    def find_child(self, parent: BlockNode, key: bytes) -> BlockNode | None:
+        """The child of `parent` whose lookup key is `key`, if any."""
+        c = self.children.get(self.bucket_of(parent, key))
+        while c is not None and c.key != key:
+            c = c.next_in_bucket
+        return c
 
     def root_for(self, scope: ReuseScope | None, create: bool) -> BlockNode | None:
         k = scope_key(scope)
@@ -171,16 +212,53 @@ class BlockRadixTree:
         w.write(block)
         return w.getvalue()
 
-    def chunk_key(self, parent: BlockNode, tokens: list[TokenIdExt], beg: i64, end: i64) -> bytes:
-        """Lookup key of tokens[beg:end] under `parent`, validating the tokens on the way."""
-        w = self.writer
-        w.truncate(0)
-        write_i64_le(w, parent.node_id)
-        if write_int_tokens(w, tokens, beg, end, "input_tokens"):
-            return w.getvalue()
+    def match_child(self, parent: BlockNode, tokens: list[TokenIdExt], beg: i64, end: i64) -> BlockNode | None:
+        """The child of `parent` holding exactly the full block tokens[beg:end]. Tokens read here
+        are validated; on a miss the caller validates the rest (scan_tokens)."""
+        objs = cast("list[object]", tokens)  # no union check per read (see _tokens.py)
+        o = objs[beg]
+        if type(o) is not int:
+            return self._match_child_packed(parent, tokens, beg, end)
+        assert isinstance(o, int)
+        t0: int = o
+        if t0 < 0 or t0 >= TOKEN_ID_LIMIT:
+            raise ValueError(f"input_tokens: token id {t0} is outside [0, 2**32)")
+        v0: i64 = t0
+        c = self.children.get((parent.node_id << 32) | v0)
+        want = 8 + 4 * (end - beg)
+        while c is not None:
+            key = c.key
+            if len(key) == want:
+                i = beg + 1
+                off: i64 = 12
+                while i < end:
+                    o = objs[i]
+                    if type(o) is not int:
+                        return self._match_child_packed(parent, tokens, beg, end)
+                    assert isinstance(o, int)
+                    t: int = o
+                    if t < 0 or t >= TOKEN_ID_LIMIT:
+                        raise ValueError(f"input_tokens: token id {t} is outside [0, 2**32)")
+                    v: i64 = t
+                    if v > _I32_MAX:
+                        v -= _U32  # the stored bytes read back as a signed 32-bit value
+                    if i64(read_i32_le(key, off)) != v:
+                        break
+                    i += 1
+                    off += 4
+                if i == end:
+                    return c
+            elif c.num_tokens == end - beg:
+                # A full block holding a digest starts like ours: compare packed keys instead.
+                return self._match_child_packed(parent, tokens, beg, end)
+            c = c.next_in_bucket
+        return None
+
+    def _match_child_packed(self, parent: BlockNode, tokens: list[TokenIdExt], beg: i64, end: i64) -> BlockNode | None:
+        """match_child for a block holding a digest: validate, pack, compare whole keys."""
         for i in range(beg, end):
             check_token(tokens[i], "input_tokens")
-        return self.child_key(parent, pack_block(tokens[beg:end]))
+        return self.find_child(parent, self.child_key(parent, pack_block(tokens[beg:end])))
 
     def ids_key(self, parent: BlockNode, ids: vec[i64], beg: i64, end: i64) -> bytes:
         w = self.writer
@@ -224,11 +302,17 @@ class BlockRadixTree:
         If an identical block is already there, it is kept (the tree stores one copy); groups
         where it has no page adopt the committer's page. Returns the node that now stands for it.
         """
-        node = self.children.get(key)
+        bucket = self.bucket_of(parent, key)
+        head = self.children.get(bucket)
+        node = head
+        while node is not None and node.key != key:
+            node = node.next_in_bucket
         page_node = self.storage.pages.node
         if node is None:
             node = self._new_node(parent, key, num_tokens)
-            self.children[key] = node
+            node.bucket = bucket
+            node.next_in_bucket = head
+            self.children[bucket] = node
         base = node.node_id * self.num_groups
         for g in range(self.num_groups):
             p = cache_pages[g][block]
@@ -249,10 +333,9 @@ class BlockRadixTree:
         path: list[BlockNode] = []
         node = root
         nfull: i64 = 0
-        children = self.children
         while (nfull + 1) * tpb <= n_tok:
             beg = nfull * tpb
-            child = children.get(self.chunk_key(node, tokens, beg, beg + tpb))
+            child = self.match_child(node, tokens, beg, beg + tpb)
             if child is None:
                 break
             path.append(child)

@@ -77,26 +77,6 @@ def validate_tokens(tokens: object, name: str) -> tuple[list[TokenIdExt], bool]:
     return seq, scan_tokens(seq, 0, len(seq), name)
 
 
-def write_int_tokens(w: BytesWriter, tokens: list[TokenIdExt], beg: i64, end: i64, name: str) -> bool:
-    """Validates and appends tokens[beg:end] as 4-byte little-endian; False (stopped early) at
-    the first token that is not an int."""
-    objs = cast("list[object]", tokens)
-    for i in range(beg, end):
-        o = objs[i]
-        if type(o) is not int:
-            return False
-        assert isinstance(o, int)
-        t: int = o
-        # Range-check the Python int first: a huge one must be a ValueError, not an overflow.
-        if t < 0 or t >= TOKEN_ID_LIMIT:
-            raise ValueError(f"{name}: token id {t} is outside [0, 2**32)")
-        v: i64 = t
-        if v > _I32_MAX:
-            v -= _I32_WRAP
-        write_i32_le(w, i32(v))
-    return True
-
-
 def write_int_ids(w: BytesWriter, ids: vec[i64], beg: i64, end: i64) -> None:
     for i in range(beg, end):
         v = ids[i]

@@ -891,3 +891,61 @@ def test_mixed_block_next_to_an_int_block_with_the_same_prefix() -> None:
     assert m.probe_reuse(None, ints) == TPB and m.probe_reuse(None, mixed) == TPB
     assert m.probe_reuse(None, ints[:-1] + [_digest(2)]) == TPB - 1  # partial, via a sibling
     m.check_invariants()
+
+
+def test_siblings_with_the_same_first_token_share_a_bucket() -> None:
+    """Blocks under one parent that start with the same token sit in one bucket chain (with a
+    partial tail starting the same way): each matches only itself (bytes checked), and dropping
+    either full block, the chain's head or not, keeps the other reachable."""
+    m, cfg = _tiny(3, enable_partial_reuse=False)
+    eng = FakeEngine(m, cfg)
+    first = 12345
+    a = [first] + _ints(TPB - 1, 44)
+    b = [first] + _ints(TPB - 1, 45)
+    tail = [first] + _ints(5, 46)
+    tree = m._ctx.tree
+    prio = {"a": 10, "b": 50}  # a is always the eviction victim
+    _prefill(m, a, eng=eng, cb=lambda blk, lg: prio["a"])
+    _prefill(m, b, eng=eng, cb=lambda blk, lg: prio["b"])
+    kv = m.create_kv_cache(None, tail)
+    assert kv.resume() and kv.resize(capacity=len(tail))
+    kv.commit(tail)
+    kv.close()  # publishes the partial tail block under the same parent
+    assert len(tree.children) == 1, "all three children should share one bucket"
+    chain = []
+    c = next(iter(tree.children.values()))
+    while c is not None:
+        chain.append(c.num_tokens)
+        c = c.next_in_bucket
+    assert sorted(chain) == [6, TPB, TPB]
+    assert m.probe_reuse(None, a) == TPB and m.probe_reuse(None, b) == TPB
+    assert m.probe_reuse(None, [first] + _ints(TPB - 1, 47)) == 0
+    m.check_invariants()
+    for toks in (a, b):
+        kv = m.create_kv_cache(None, toks + [7])
+        assert kv.num_committed_tokens == TPB and kv.resume()
+        eng.verify(kv, toks)  # the page reused is the one these tokens were written to
+        kv.close()
+        eng.forget(kv)
+
+    def evict_a() -> None:
+        other = m.create_kv_cache(None, _ints(TPB, 48))
+        assert other.resume() and other.resize(capacity=TPB)  # takes a's slot (lowest priority)
+        other.close()
+
+    evict_a()  # a is the oldest node: not the chain's head
+    assert m.probe_reuse(None, a) == 0 and m.probe_reuse(None, b) == TPB
+    m.check_invariants()
+    _prefill(m, a, eng=eng, cb=lambda blk, lg: prio["a"])  # a comes back as the head
+    assert next(iter(tree.children.values())).next_in_bucket is not None
+    assert m.probe_reuse(None, a) == TPB and m.probe_reuse(None, b) == TPB
+    evict_a()  # now the head, with the others behind it
+    assert m.probe_reuse(None, a) == 0 and m.probe_reuse(None, b) == TPB
+    m.check_invariants()
+    kv = m.create_kv_cache(None, b + [7])
+    assert kv.num_committed_tokens == TPB and kv.resume()
+    eng.verify(kv, b)
+    kv.close()
+    m.clear_reusable_blocks()
+    assert not tree.children
+    m.check_invariants()

@@ -163,7 +163,9 @@ def check_manager(ctx: CacheContext) -> None:
         if node.node_id != nid or not node.alive:
             _fail(f"tree node {nid} has a wrong id or is dead")
         if node.parent is not None:
-            if tree.children.get(node.key) is not node:
+            if node.bucket != tree.bucket_of(node.parent, node.key):
+                _fail(f"tree node {nid} is filed under a wrong bucket")
+            if tree.find_child(node.parent, node.key) is not node:
                 _fail(f"tree node {nid} is not reachable by its key")
             if not node.parent.alive:
                 _fail(f"tree node {nid} has a dead parent")
@@ -182,8 +184,16 @@ def check_manager(ctx: CacheContext) -> None:
                 _fail(f"tree node {nid}: child list is corrupt")
             prev_c = c
             c = c.next_sibling
-    if len(tree.children) != live - len(tree.roots):
-        _fail(f"{len(tree.children)} keyed children but {live - len(tree.roots)} non-root nodes")
+    keyed = 0
+    for head in tree.children.values():
+        m: BlockNode | None = head
+        while m is not None:
+            if not m.alive or tree.children.get(m.bucket) is not head:
+                _fail(f"bucket chain of node {m.node_id} is corrupt")
+            keyed += 1
+            m = m.next_in_bucket
+    if keyed != live - len(tree.roots):
+        _fail(f"{keyed} keyed children but {live - len(tree.roots)} non-root nodes")
 
     if not ctx.open_caches and not tree.children:
         for level in range(storage.num_levels):
