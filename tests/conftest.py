@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
+import os
+import sys
+from types import ModuleType
 from typing import Callable, Iterator
 
 import pytest
@@ -72,3 +76,28 @@ def make_manager() -> Iterator[Callable[..., KVCacheManager]]:
     yield factory
     for m in made:
         m.check_invariants()
+
+
+def find_benchmark(name: str) -> str:
+    """benchmarks/<name> in the nearest ancestor of the tests (the suite may run from a copy of
+    tests/ inside a build directory of the repository)."""
+    d = os.path.dirname(os.path.abspath(__file__))
+    while True:
+        cand = os.path.join(d, "benchmarks", name)
+        if os.path.isfile(cand):
+            return cand
+        parent = os.path.dirname(d)
+        if parent == d:
+            raise FileNotFoundError(f"benchmarks/{name} not found above {__file__}")
+        d = parent
+
+
+def load_benchmark(path: str, module_name: str) -> ModuleType:
+    """Imports a benchmark script as a module (registered in sys.modules: dataclasses resolve
+    annotations through it)."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod

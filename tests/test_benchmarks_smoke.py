@@ -3,7 +3,6 @@ scale, returns well-formed figures and leaves the manager without leaks. No timi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,23 +13,10 @@ from typing import Any
 
 import pytest
 
+from conftest import find_benchmark, load_benchmark
 
 
-def _find_script() -> str:
-    """benchmarks/manager_overhead.py in the nearest ancestor of this file (the suite may run from
-    a copy of tests/ inside a build directory of the repository)."""
-    d = os.path.dirname(os.path.abspath(__file__))
-    while True:
-        cand = os.path.join(d, "benchmarks", "manager_overhead.py")
-        if os.path.isfile(cand):
-            return cand
-        parent = os.path.dirname(d)
-        if parent == d:
-            raise FileNotFoundError("benchmarks/manager_overhead.py not found above " + __file__)
-        d = parent
-
-
-SCRIPT = _find_script()
+SCRIPT = find_benchmark("manager_overhead.py")
 REPO_ROOT = os.path.dirname(os.path.dirname(SCRIPT))
 
 NUM_REQUESTS = 16
@@ -46,12 +32,7 @@ REQUIRED_KEYS = (
 
 
 def _load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_bench_manager_overhead", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(SCRIPT, "_bench_manager_overhead")
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +113,7 @@ def test_cli_missing_compiled_dir(tmp_path: Any) -> None:
 
 def test_callgrind_phases_runs() -> None:
     """benchmarks/callgrind_phases.py (run under valgrind by hand) works on a tiny scale."""
-    script = os.path.join(os.path.dirname(SCRIPT), "callgrind_phases.py")
+    script = find_benchmark("callgrind_phases.py")
     proc = subprocess.run(
         [sys.executable, script, "--config", "B", "--requests", "8", "--decode-steps", "2"],
         cwd=REPO_ROOT,

@@ -4,7 +4,6 @@ its bytes come back intact. No timing thresholds."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -16,25 +15,13 @@ from typing import Any
 
 import pytest
 
+from conftest import find_benchmark, load_benchmark
+
 pytest.importorskip("kv_cache_manager_v2._backends._disk")
 pytest.importorskip("numpy")
 
 
-def _find_script() -> str:
-    """benchmarks/migration_bandwidth.py in the nearest ancestor of this file (the suite may run
-    from a copy of tests/ inside a build directory of the repository)."""
-    d = os.path.dirname(os.path.abspath(__file__))
-    while True:
-        cand = os.path.join(d, "benchmarks", "migration_bandwidth.py")
-        if os.path.isfile(cand):
-            return cand
-        parent = os.path.dirname(d)
-        if parent == d:
-            raise FileNotFoundError("benchmarks/migration_bandwidth.py not found above " + __file__)
-        d = parent
-
-
-SCRIPT = _find_script()
+SCRIPT = find_benchmark("migration_bandwidth.py")
 REPO_ROOT = os.path.dirname(os.path.dirname(SCRIPT))
 SIZE_MB = 16
 PAGE_KB = 64
@@ -44,12 +31,7 @@ BASELINES = ("memcpy_gbps", "memcpy_fresh_gbps", "raw_pwrite_gbps", "raw_pread_g
 
 
 def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_bench_migration_bandwidth", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(SCRIPT, "_bench_migration_bandwidth")
 
 
 @pytest.fixture(scope="module")
