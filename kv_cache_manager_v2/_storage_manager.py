@@ -104,7 +104,11 @@ class StorageManager:
         self.num_levels: i64 = len(quotas)
         self.last_level: i64 = len(quotas) - 1
         self.num_pool_groups: i64 = len(layout.pool_groups)
-        level0_slots = sum(split_quota(layout, quotas[0], lg_weights, floors)) if quotas else 0
+        # Slots per pool group of every level (constraints are floors on level 0 only).
+        level_slots = [
+            split_quota(layout, quota, lg_weights, floors if level == 0 else None) for level, quota in enumerate(quotas)
+        ]
+        level0_slots = sum(level_slots[0]) if quotas else 0
         self.pages = PageTable(len(quotas), len(layout.pool_groups), min(level0_slots, PREALLOCATED_PAGE_IDS_MAX))
         self.allocators: list[SlotAllocator] = []
         self.levels: list[LevelStore] = []
@@ -128,7 +132,7 @@ class StorageManager:
         self.failed_writes: i64 = 0
         self._logged_write_failure = False
         for level, quota in enumerate(quotas):
-            slots = split_quota(layout, quota, lg_weights, floors if level == 0 else None)
+            slots = level_slots[level]
             kind = kinds[level]
             if kind == KIND_MEMORY:
                 reserve = split_quota(

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+from librt.vecs import vec
+from mypy_extensions import i64
+
 from .._backends._host import select_backend
 from .._block_radix_tree import BlockRadixTree
 from .._common import BufferId, PageIndexMode, TokenIdExt, div_up
@@ -284,19 +287,22 @@ class KVCacheManager:
             return [None] * count
         return out
 
-    def _restore_stats(self, snap: list[int]) -> None:
+    def _stat_vecs(self) -> tuple[vec[i64], vec[i64], vec[i64], vec[i64], vec[i64]]:
+        """The per-layer-group iteration counters a batch admission snapshots and takes back."""
         ctx = self._ctx
-        g = ctx.num_groups
-        vecs = (ctx.st_allocated, ctx.st_new, ctx.st_reused_full, ctx.st_reused_partial, ctx.st_missed)
+        return (ctx.st_allocated, ctx.st_new, ctx.st_reused_full, ctx.st_reused_partial, ctx.st_missed)
+
+    def _restore_stats(self, snap: list[int]) -> None:
+        g = self._ctx.num_groups
+        vecs = self._stat_vecs()
         for k in range(len(vecs)):
             v = vecs[k]
             for lg in range(g):
                 v[lg] = snap[k * g + lg]
 
     def _stat_snapshot(self) -> list[int]:
-        ctx = self._ctx
         out: list[int] = []
-        for v in (ctx.st_allocated, ctx.st_new, ctx.st_reused_full, ctx.st_reused_partial, ctx.st_missed):
+        for v in self._stat_vecs():
             for x in v:
                 out.append(int(x))
         return out
@@ -308,9 +314,8 @@ class KVCacheManager:
         kv.close()
         if not stat_delta:
             return
-        ctx = self._ctx
-        g = ctx.num_groups
-        vecs = (ctx.st_allocated, ctx.st_new, ctx.st_reused_full, ctx.st_reused_partial, ctx.st_missed)
+        g = self._ctx.num_groups
+        vecs = self._stat_vecs()
         for k in range(len(vecs)):
             v = vecs[k]
             for lg in range(g):
