@@ -6,9 +6,9 @@ key (`parent id (8 bytes) + packed block tokens`). Children are found through ON
 an int *bucket*, `parent id << 32 | first 4 bytes of the packed block` (the first token of an
 all-int block); nodes sharing a bucket form a chain (`next_in_bucket`). Matching a block reads
 its first token, probes the dict with an int, and compares the other tokens straight against
-the candidate's key bytes: no key object is built and nothing is hashed while matching. The SHA-256 chain key of a block
-(root = digest of the ReuseScope; key = SHA-256(parent key || token bytes)) is computed lazily,
-only when something asks for it.
+the candidate's key bytes: no key object is built and nothing is hashed while matching. The
+SHA-256 chain key of a block (root = digest of the ReuseScope; key = SHA-256(parent key || token
+bytes)) is computed lazily, only when something asks for it.
 """
 
 from __future__ import annotations
@@ -43,6 +43,14 @@ _I32_MAX: Final = (1 << 31) - 1
 def _u32_at(key: bytes, offset: i64) -> i64:
     v: i64 = i64(read_i32_le(key, offset))
     return v + _U32 if v < 0 else v
+
+
+def _in_chain(head: BlockNode | None, key: bytes) -> BlockNode | None:
+    """The node of the bucket chain starting at `head` whose lookup key is `key`, if any."""
+    c = head
+    while c is not None and c.key != key:
+        c = c.next_in_bucket
+    return c
 
 
 def scope_digest(lora_id: int, salt: int) -> bytes:
@@ -191,10 +199,7 @@ class BlockRadixTree:
 
     def find_child(self, parent: BlockNode, key: bytes) -> BlockNode | None:
         """The child of `parent` whose lookup key is `key`, if any."""
-        c = self.children.get(self.bucket_of(parent, key))
-        while c is not None and c.key != key:
-            c = c.next_in_bucket
-        return c
+        return _in_chain(self.children.get(self.bucket_of(parent, key)), key)
 
     def root_for(self, scope: ReuseScope | None, create: bool) -> BlockNode | None:
         k = scope_key(scope)
@@ -304,9 +309,7 @@ class BlockRadixTree:
         """
         bucket = self.bucket_of(parent, key)
         head = self.children.get(bucket)
-        node = head
-        while node is not None and node.key != key:
-            node = node.next_in_bucket
+        node = _in_chain(head, key)
         page_node = self.storage.pages.node
         if node is None:
             node = self._new_node(parent, key, num_tokens)

@@ -7,17 +7,18 @@ is the byte range `[s * record_sizes[i], (s + 1) * record_sizes[i])` of file `i`
 
 Every record written successfully gets a checksum (64-bit XXH3 seeded with a per-process random
 salt), kept in memory only. A read reports success for a slot only when every record of it was
-read in full and hashes to the checksum of its last successful write, so bytes from a failed or partial
-write, a corrupted file, or a file a previous process left behind are never reported as good.
+read in full and hashes to the checksum of its last successful write, so bytes from a failed or
+partial write, a corrupted file, or a file a previous process left behind are never reported as
+good.
 
 I/O is batched: a run of consecutive slot ids becomes one `pwritev`/`preadv` per pool file,
 gathering from (scattering to) wherever its records live in host memory, one buffer per
 contiguous stretch (capped at `max_run_bytes` so a large batch spreads over the threads, and at
 `IOV_MAX` buffers), and the runs are spread over a thread pool created once. Pages evicted
 together land in consecutive free slots, so an eviction of scattered host pages is still a few
-large writes. `os.pwrite` and `os.preadv`
-release the GIL, so one run's I/O overlaps another's hashing (which runs at ~20 GB/s). Host memory is
-addressed through ctypes arrays over the caller's addresses: no copy through Python bytes.
+large writes. `os.pwritev` and `os.preadv` release the GIL, so one run's I/O overlaps another's
+hashing (which runs at ~20 GB/s). Host memory is addressed through ctypes arrays over the
+caller's addresses: no copy through Python bytes.
 
 Nothing is fsync'ed: the files are a cache for this process's lifetime, not durable storage.
 The files are sparse (ftruncate), so running out of disk space shows up as failed writes
@@ -66,21 +67,19 @@ def _host_view(addr: int, size: int) -> memoryview:
 
 
 def _run_views(run: _Run) -> tuple[list[memoryview], list[memoryview]]:
-    """(one view per contiguous stretch of the run's host memory, one view per record)."""
+    """(one view per contiguous stretch of the run's host memory, as planned; one per record)."""
     rs = run.record_size
     addrs = run.addrs
+    starts = run.seg_starts
     views: list[memoryview] = []
     records: list[memoryview] = []
-    i = 0
-    while i < len(addrs):
-        j = i + 1
-        while j < len(addrs) and addrs[j] == addrs[j - 1] + rs:
-            j += 1
+    for s in range(len(starts)):
+        i = starts[s]
+        j = starts[s + 1] if s + 1 < len(starts) else len(addrs)
         v = _host_view(addrs[i], (j - i) * rs)
         views.append(v)
         for r in range(j - i):
             records.append(v[r * rs:(r + 1) * rs])
-        i = j
     return views, records
 
 
@@ -215,7 +214,7 @@ class DiskFaults:
 class _Run:
     """Consecutive records of one pool file (contiguous on disk; anywhere in host memory)."""
 
-    __slots__ = ("pool", "offset", "addrs", "segments", "record_size", "ks", "slots", "fault", "err",
+    __slots__ = ("pool", "offset", "addrs", "seg_starts", "record_size", "ks", "slots", "fault", "err",
                  "done", "digests", "expected", "ok", "mismatches")
 
     def __init__(self, pool: int, offset: int, record_size: int, fault: int, err: int) -> None:
@@ -223,7 +222,9 @@ class _Run:
         self.offset = offset
         self.record_size = record_size
         self.addrs: list[int] = []  # host address of each record
-        self.segments = 0  # contiguous stretches of host memory (buffers of the vectored call)
+        # Where each contiguous stretch of host memory (one buffer of the vectored call) begins,
+        # as an index into `addrs`.
+        self.seg_starts: list[int] = []
         self.ks: list[int] = []  # batch positions, one per record, in file order
         self.slots: list[int] = []
         self.fault = fault
@@ -233,6 +234,10 @@ class _Run:
         self.expected: list[int] = []  # read: checksum each record must have
         self.ok: list[bool] = []  # read: record read in full and checksum matched
         self.mismatches = 0  # read: records read in full whose checksum did not match
+
+    @property
+    def segments(self) -> int:
+        return len(self.seg_starts)
 
     @property
     def length(self) -> int:
@@ -532,7 +537,7 @@ class DiskLevel:
                     runs.append(cur)
                     new_segment = True
                 if new_segment:
-                    cur.segments += 1
+                    cur.seg_starts.append(len(cur.addrs))
                 cur.addrs.append(a)
                 cur.ks.append(k)
                 cur.slots.append(s)
